@@ -58,20 +58,27 @@ class Tokenized:
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def plan_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[np.ndarray]:
-    """Indices sorted longest first, cut so that batch_size * longest <= max_batch_tokens.
+def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_padding: float = 0.15) -> list[np.ndarray]:
+    """Indices sorted longest first, cut into batches of at most ``max_batch_tokens`` padded tokens.
 
-    A single text longer than the budget still gets a batch of its own. The sort is stable, so the
-    plan is deterministic for the same input.
+    A batch also ends where the next text is more than ``max_padding`` shorter than the batch's
+    longest, which keeps padding low on long-tailed corpora. A single text longer than the budget
+    still gets a batch of its own. The sort is stable, so the plan is deterministic.
     """
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
         longest = max(int(lengths[order[start]]), 1)
-        size = max(1, max_batch_tokens // longest)
-        batches.append(order[start : start + size])
-        start += size
+        end = min(len(order), start + max(1, max_batch_tokens // longest))
+        floor = longest * (1.0 - max_padding)
+        # lengths are sorted descending: the first one below the floor ends the batch
+        below = np.flatnonzero(lengths[order[start + 1 : end]] < floor)
+        if below.size:
+            end = start + 1 + int(below[0])
+        batches.append(order[start:end])
+        start = end
     return batches
 
 
@@ -172,6 +179,8 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> Tokenized:
         texts = [prompt + t for t in texts] if prompt else list(texts)
+        if not texts:  # the tokenizer fails on an empty batch
+            return Tokenized(input_ids=[], token_type_ids=None, prompt_length=self.prompt_length(prompt))
         encoded = self.tokenizer(
             texts, truncation="longest_first", max_length=self.max_seq_length, padding=False
         )

@@ -210,3 +210,23 @@ class Normalize(nn.Module):
     def forward(self, features: Features) -> Features:
         features["sentence_embedding"] = F.normalize(features["sentence_embedding"], p=2, dim=1)
         return features
+
+
+def check_model(root: Path, allow_pickle: bool = False) -> None:
+    """Validate a model directory without loading weights: configs, weights present, no remote code."""
+    from pipeline.model.config import load_model_config
+
+    config = load_model_config(root)
+    for module in config.modules:
+        if isinstance(module, TransformerConfig):
+            hf_config = read_config_json(module.path)
+            if not hf_config:
+                raise ModelConfigError(f"{module.path / 'config.json'}: file not found")
+            if hf_config.get("auto_map"):
+                raise ModelConfigError(
+                    f"{module.path / 'config.json'}: auto_map asks for remote code; embedpipe never runs code "
+                    "shipped with a model"
+                )
+            check_weights(module.path, allow_pickle)
+        elif isinstance(module, DenseConfig):
+            check_weights(module.path, allow_pickle)

@@ -1,0 +1,55 @@
+"""Connect to Ray (RAY_ADDRESS, --ray-address, or a local cluster) and size the encoder actors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many encoder actors, and what each one asks Ray for."""
+
+    workers: int
+    num_gpus: float
+    num_cpus: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+
+def connect(address: str | None = None) -> None:
+    """Join the given cluster or RAY_ADDRESS; otherwise start a fresh local one (the embedded default)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            object_store_memory=int(os.environ.get("EMBEDPIPE_OBJECT_STORE_BYTES", LOCAL_OBJECT_STORE_BYTES)),
+            **kwargs,
+        )
+
+
+def plan_actors(workers: int | None = None) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; else ``workers`` CPU actors sharing the CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        count = min(workers or gpus, gpus)
+        return ActorPlan(workers=count, num_gpus=1, num_cpus=1)
+    count = max(1, workers or 1)
+    cpus = int(resources.get("CPU", 1))
+    largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    per_actor = max(1, min(cpus // count, largest_node))
+    return ActorPlan(workers=count, num_gpus=0, num_cpus=per_actor)

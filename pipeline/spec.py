@@ -1,0 +1,168 @@
+"""Job specs as dataclasses, loaded from YAML or from command-line flags with one set of names.
+
+A YAML key is the flag's name with ``-`` as ``_``: ``--text-column`` is ``text_column``. Every field
+carries its help text and allowed values, so the CLI, the YAML loader and the validation errors all
+come from the same place. Unknown keys and wrong types are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """An invalid job spec; the message names the field and what was expected."""
+
+
+def opt(default: Any = None, help: str = "", choices: tuple | None = None, required: bool = False,
+        positional: bool = False) -> Any:
+    """A spec field with its CLI help and allowed values."""
+    metadata = {"help": help, "choices": choices, "required": required, "positional": positional}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RuntimeOptions:
+    """Flags every job takes: where Ray runs and how storage is reached."""
+
+    workers: int | None = opt(None, "encoder actors (default: one per GPU, else 1)")
+    ray_address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable)")
+    progress: bool = opt(True, "show a progress bar on stderr")
+
+
+@dataclass
+class EncodeOptions:
+    """How texts become vectors."""
+
+    model: str | None = opt(None, "model directory or URL (sentence-transformers format)", required=True)
+    text_column: str = opt("text", "column holding the texts")
+    id_column: str | None = opt(None, "column holding the ids (default: 'id' when present, else file:row)")
+    prompt_name: str | None = opt(None, "prompt name from the model's config")
+    prompt: str | None = opt(None, "literal prompt prepended to every text")
+    truncate_dim: int | None = opt(None, "keep the first N dimensions (Matryoshka)")
+    max_batch_tokens: int | None = opt(None, "padded tokens per forward batch")
+    dtype: str = opt("auto", "GPU compute dtype", ("auto", "float32", "float16", "bfloat16"))
+    allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
+
+
+@dataclass
+class EmbedSpec(EncodeOptions, RuntimeOptions):
+    input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC)", required=True)
+    output: str | None = opt(None, "output dataset URL", required=True)
+    keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
+    rows_per_shard: int = opt(10000, "rows per shard")
+    precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
+    on_null: str = opt("fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty"))
+    on_duplicate_id: str = opt("fail", "duplicate ids: fail or keep", ("fail", "keep"))
+    max_attempts: int = opt(3, "attempts per shard before the job fails")
+    overwrite: bool = opt(False, "replace an existing output made with other options")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def base_type(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for annotations like ``int | None``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return annotation, False
+
+
+def coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check and convert one value; the error names the field."""
+    kind, optional = base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise SpecError(f"{name}: must not be empty")
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if name == "keep_columns" else [value]
+        if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+            raise SpecError(f"{name}: expected a list of strings, got {value!r}")
+        return [str(v) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise SpecError(f"{name}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise SpecError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise SpecError(f"{name}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise SpecError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SpecError(f"{name}: expected a number, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise SpecError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_spec(cls: type, values: dict[str, Any], source: str = "spec") -> Any:
+    """Validate a mapping against a spec class: unknown keys, types, choices, required fields."""
+    if not isinstance(values, dict):
+        raise SpecError(f"{source}: expected a mapping of options, got {type(values).__name__}")
+    known = field_types(cls)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SpecError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    converted = {name: coerce(name, value, known[name]) for name, value in values.items()}
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        value = converted.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        if choices and value is not None and value not in choices:
+            raise SpecError(f"{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if f.metadata.get("required") and not converted.get(f.name):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if not default:
+                raise SpecError(f"{f.name}: required ({f.metadata.get('help', '')})")
+    spec = cls(**converted)
+    validate = getattr(spec, "validate", None)
+    if validate:
+        validate()
+    return spec
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    return data or {}
+
+
+def load_spec(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """A spec from a YAML file, with command-line values taking precedence."""
+    values = load_yaml(path) if path else {}
+    if not isinstance(values, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of options")
+    values.update(overrides or {})
+    return build_spec(cls, values, str(path) if path else "options")

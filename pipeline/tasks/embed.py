@@ -1,0 +1,369 @@
+"""The embed job: plan shards, encode them on Ray actors, commit one part per shard, finish once.
+
+Order of events: validate inputs and model on the driver; refuse an output made with other options;
+store the plan; skip shards whose receipts are committed; run the rest on the actors; check every part
+against its receipt; write the manifest and ``_SUCCESS`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.io import corpus
+from pipeline.io.corpus import CorpusError, Shard
+from pipeline.io.dataset import (
+    PLAN_FILE,
+    DatasetError,
+    calibrate_int8,
+    clear_output,
+    finalize,
+    is_complete,
+    quantize,
+    read_json_file,
+    read_receipts,
+    write_json_file,
+    write_part,
+)
+from pipeline.io.storage import StorageError, parse_storage_options, redact, safe_options
+from pipeline.model.files import fingerprint, local_model_dir
+from pipeline.model.modules import check_model
+from pipeline.spec import EmbedSpec
+
+CALIBRATION_ROWS = 2048
+
+
+class EmbedError(RuntimeError):
+    """The job cannot finish; the message says which shard or input, and why."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str
+    id: str | None  # None: ids are generated from file and row
+    keep: tuple[str, ...]
+
+    @property
+    def read(self) -> list[str]:
+        names = [self.text] + ([self.id] if self.id else []) + list(self.keep)
+        return list(dict.fromkeys(names))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def resolve_columns(spec: EmbedSpec, schemas: dict[str, pa.Schema]) -> Columns:
+    """Check the columns against every file's schema; files must agree on their types."""
+    id_column = spec.id_column
+    if id_column is None and all("id" in s.names for s in schemas.values()):
+        id_column = "id"
+    wanted = [spec.text_column] + ([id_column] if id_column else []) + list(spec.keep_columns)
+    first_url, first = next(iter(schemas.items()))
+    for url, schema in schemas.items():
+        for name in wanted:
+            if name not in schema.names:
+                role = "text" if name == spec.text_column else "id" if name == id_column else "kept"
+                raise CorpusError(f"{url}: missing {role} column {name!r}; has {', '.join(schema.names)}")
+            if not compatible(schema.field(name).type, first.field(name).type):
+                raise CorpusError(
+                    f"{url}: column {name!r} is {schema.field(name).type} but {first_url} has "
+                    f"{first.field(name).type}; the files' schemas disagree"
+                )
+    text_type = first.field(spec.text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        raise CorpusError(f"{first_url}: text column {spec.text_column!r} is {text_type}, expected strings")
+    return Columns(spec.text_column, id_column, tuple(spec.keep_columns))
+
+
+def compatible(a: pa.DataType, b: pa.DataType) -> bool:
+    """Same type, allowing string/large_string, integer widths and all-null JSON columns to mix."""
+    if a == b or pa.types.is_null(a) or pa.types.is_null(b):
+        return True
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    if any(f(a) for f in strings) and any(f(b) for f in strings):
+        return True
+    return pa.types.is_integer(a) and pa.types.is_integer(b)
+
+
+def check_unique_ids(shards: list[Shard], id_column: str, storage_options: dict | None) -> None:
+    """Every id once across the corpus (read once, id column only); the error names file and row."""
+    seen: dict = {}
+    for shard in shards:
+        table = corpus.read_shard(shard, [id_column], storage_options)
+        ids = corpus.ids_of(table, shard, id_column).to_pylist()
+        for offset, value in enumerate(ids):
+            where = (shard.url, shard.row_start + offset)
+            first = seen.setdefault(value, where)
+            if first is not where:
+                raise CorpusError(
+                    f"{where[0]}: row {where[1]}: duplicate id {value!r} (first at {first[0]} row {first[1]}); "
+                    "use --on-duplicate-id keep to allow it"
+                )
+
+
+def texts_of(table: pa.Table, shard: Shard, column: str, on_null: str) -> tuple[list[str], np.ndarray]:
+    """The shard's texts and a keep-mask; null/empty texts follow --on-null, invalid UTF-8 is an error."""
+    array = table.column(column).combine_chunks()
+    if pa.types.is_null(array.type):
+        array = pa.array([None] * len(array), pa.string())
+    try:
+        array.validate(full=True)
+        texts = array.to_pylist()
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        for offset in range(len(array)):
+            try:
+                array.slice(offset, 1).to_pylist()
+            except UnicodeDecodeError:
+                raise CorpusError(f"{shard.url}: row {shard.row_start + offset}: invalid UTF-8 in {column!r}") from None
+        raise
+    missing = np.fromiter((t is None or t == "" for t in texts), dtype=bool, count=len(texts))
+    if missing.any() and on_null == "fail":
+        row = shard.row_start + int(np.argmax(missing))
+        kind = "null" if texts[int(np.argmax(missing))] is None else "empty"
+        raise CorpusError(
+            f"{shard.url}: row {row}: {kind} text in column {column!r} (use --on-null skip or empty)"
+        )
+    if on_null == "empty":
+        return ["" if t is None else t for t in texts], np.ones(len(texts), dtype=bool)
+    keep = ~missing
+    return [t for t, k in zip(texts, keep, strict=True) if k], keep
+
+
+# -- the work each actor does -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedShardWork:
+    """Read + tokenize (``load``, prefetched) and encode + commit (``process``) one shard."""
+
+    output: str
+    columns: Columns
+    prompt: str
+    precision: str
+    calibration: dict | None
+    metadata: dict
+    on_null: str
+    max_batch_tokens: int | None
+    storage_options: dict
+
+    def load(self, encoder, shard: Shard):
+        table = corpus.read_shard(shard, self.columns.read, self.storage_options)
+        ids = corpus.ids_of(table, shard, self.columns.id)
+        texts, keep = texts_of(table, shard, self.columns.text, self.on_null)
+        if not keep.all():
+            mask = pa.array(keep)
+            table, ids = table.filter(mask), pc.filter(ids, mask)
+        return ids, table, encoder.tokenize(texts, self.prompt), int((~keep).sum())
+
+    def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
+        started = time.perf_counter()
+        ids, table, tokens, skipped = loaded
+        before = (encoder.counters.tokens, encoder.counters.padded_tokens)
+        vectors = encoder.encode_tokens(tokens, self.max_batch_tokens)
+        if not np.isfinite(vectors).all():
+            raise EmbedError(f"{shard.url}: rows {shard.row_start}-{shard.row_end - 1}: non-finite embeddings")
+        columns = {"id": ids, "embedding": quantize(vectors, self.precision, self.calibration)}
+        for name in self.columns.keep:
+            columns[name] = table.column(name)
+        receipt = write_part(
+            self.output, self.storage_options, shard.shard_id, pa.table(columns), self.metadata,
+            tokens=encoder.counters.tokens - before[0], padded_tokens=encoder.counters.padded_tokens - before[1],
+            seconds=round(time.perf_counter() - started, 3), attempt=attempt, skipped_rows=skipped,
+        )
+        return receipt.to_dict()
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+def model_options(spec: EmbedSpec, storage_options: dict) -> dict:
+    return {"truncate_dim": spec.truncate_dim, "allow_pickle": spec.allow_pickle,
+            "storage_options": storage_options, "dtype": spec.dtype}
+
+
+def plan_key(spec: EmbedSpec, model_fingerprint: str, columns: Columns, shards: list[Shard], sizes: dict) -> str:
+    """What must match for an existing output to be resumed rather than refused."""
+    material = {
+        "model": model_fingerprint, "columns": columns.__dict__, "prompt_name": spec.prompt_name,
+        "prompt": spec.prompt, "precision": spec.precision, "on_null": spec.on_null,
+        "shards": [s.to_dict() for s in shards], "sizes": sizes,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode()).hexdigest()[:32]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Data errors fail at once; storage and other errors are worth another attempt."""
+    return not isinstance(exc, CorpusError | DatasetError | EmbedError | UnicodeDecodeError)
+
+
+def run_embed(spec: EmbedSpec, log=None) -> dict:
+    """Run the embed job; returns the summary (also stored in the manifest)."""
+    from pipeline.runtime import actors as ray_actors
+    from pipeline.runtime import cluster, scheduler
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    storage_options = parse_storage_options(spec.storage_option)
+    output = spec.output.rstrip("/")
+
+    # Model and inputs are checked on the driver, before any actor starts.
+    model_dir = local_model_dir(spec.model, storage_options)
+    check_model(model_dir, spec.allow_pickle)
+    model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
+    sources = corpus.list_sources(spec.input, storage_options)
+    schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
+    columns = resolve_columns(spec, schemas)
+    shards = corpus.plan_shards(sources, spec.rows_per_shard, storage_options)
+    if not shards:
+        raise CorpusError(f"{', '.join(spec.input)}: the corpus has no rows")
+    key = plan_key(spec, model_fingerprint, columns, shards, {s.url: s.size for s in sources})
+
+    existing = read_json_file(output, PLAN_FILE, storage_options)
+    if existing is not None and existing.get("key") != key:
+        if not spec.overwrite:
+            raise DatasetError(
+                f"{output}: holds an output made with another model, options or input; "
+                "use --overwrite to replace it or choose another --output"
+            )
+        log(f"replacing the existing output at {output}")
+        clear_output(output, storage_options)
+        existing = None
+    if columns.id and spec.on_duplicate_id == "fail" and existing is None:
+        check_unique_ids(shards, columns.id, storage_options)
+
+    cluster.connect(spec.ray_address)
+    plan = cluster.plan_actors(spec.workers)
+    actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
+    import ray
+
+    description = ray.get(actors[0].describe.remote())
+    prompt = resolve_prompt(spec, description)
+    calibration = existing.get("calibration") if existing else None
+    if spec.precision == "int8" and calibration is None:
+        calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
+    metadata = {
+        "model": spec.model if "://" not in spec.model else redact(spec.model), "model_name": description["name"],
+        "fingerprint": description["fingerprint"], "pooling": description["pooling"],
+        "normalized": description["normalized"], "similarity_fn_name": description["similarity_fn_name"],
+        "prompt": prompt, "dim": description["dim"], "precision": spec.precision,
+        "text_column": columns.text, "id_column": columns.id, "version": __version__,
+    }
+    if calibration:
+        metadata["int8_calibration"] = calibration
+    if existing is None:
+        write_json_file(output, PLAN_FILE, {
+            "key": key, "shards": [s.to_dict() for s in shards], "metadata": metadata,
+            "calibration": calibration, "storage_options": safe_options(storage_options),
+        }, storage_options)
+
+    done = read_receipts(output, storage_options) if existing is not None else {}
+    todo = [s for s in shards if s.shard_id not in done]
+    total_rows = sum(s.rows for s in shards)
+    log(f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
+        f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)")
+    work = EmbedShardWork(output, columns, prompt, spec.precision, calibration, metadata, spec.on_null,
+                          spec.max_batch_tokens, storage_options)
+    receipts = dict(done)
+    bar = tqdm(total=total_rows, initial=sum(done[i].rows + done[i].skipped_rows for i in done), unit="rows",
+               disable=not spec.progress, file=sys.stderr, dynamic_ncols=True)
+    encode_started = time.perf_counter()
+    new_tokens = 0
+
+    def on_result(_key, shard: Shard, receipt: dict) -> None:
+        nonlocal new_tokens
+        receipts[shard.shard_id] = receipt
+        new_tokens += receipt["tokens"]
+        bar.update(shard.rows)
+        bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
+
+    def replace_actor():
+        return ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options), 1)[0]
+
+    try:
+        stats = scheduler.run_queue(
+            actors, work, [(s.shard_id, s) for s in todo], on_result=on_result, replace_actor=replace_actor,
+            max_attempts=spec.max_attempts, is_retryable=is_retryable,
+        )
+    except scheduler.ShardFailed as failure:
+        shard: Shard = failure.item
+        raise EmbedError(redact(
+            f"shard {shard.shard_id} ({shard.url} rows {shard.row_start}-{shard.row_end - 1}) failed after "
+            f"{failure.attempts} attempt(s): {failure.cause}; {len(receipts)} of {len(shards)} shards are "
+            "committed and a re-run resumes from there"
+        )) from None
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+
+    tokens = sum(r["tokens"] for r in receipts.values())
+    padded = sum(r["padded_tokens"] for r in receipts.values())
+    seconds = time.perf_counter() - started
+    summary = {
+        "output": output, "rows": sum(r["rows"] for r in receipts.values()),
+        "skipped_rows": sum(r.get("skipped_rows", 0) for r in receipts.values()),
+        "tokens": tokens, "padded_token_ratio": round(1 - tokens / padded, 4) if padded else 0.0,
+        "seconds": round(seconds, 2), "shards": {
+            "total": len(shards), "done": len(todo), "skipped": len(done), "retried": stats.retried,
+        },
+        "workers": plan.workers, "actors_replaced": stats.actors_replaced,
+        "rows_per_second": round(sum(receipts[s.shard_id]["rows"] for s in todo) / seconds, 1) if todo else 0.0,
+    }
+    manifest = {
+        "metadata": metadata, "summary": summary, "versions": versions(),
+        "input": [redact(u) for u in spec.input],
+    }
+    finalize(output, storage_options, [s.shard_id for s in shards], manifest)
+    if not is_complete(output, storage_options):
+        raise StorageError(f"{output}: _SUCCESS was not written")
+    return summary
+
+
+def resolve_prompt(spec: EmbedSpec, description: dict) -> str:
+    if spec.prompt is not None:
+        return spec.prompt
+    prompts = description.get("prompts") or {}
+    if spec.prompt_name is not None:
+        if spec.prompt_name not in prompts:
+            raise ValueError(f"prompt_name {spec.prompt_name!r} is not defined by the model "
+                             f"(defined: {', '.join(sorted(prompts)) or 'none'})")
+        return prompts[spec.prompt_name]
+    default = description.get("default_prompt_name")
+    return prompts[default] if default else ""
+
+
+def calibrate(actor, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options) -> dict:
+    """int8 ranges from one deterministic sample of the whole corpus (the head of evenly spread shards)."""
+    import ray
+
+    step = max(1, len(shards) // 16)
+    picked = shards[::step][:16]
+    per_shard = max(1, CALIBRATION_ROWS // len(picked))
+    texts: list[str] = []
+    for shard in picked:
+        table = corpus.read_shard(shard, [columns.text], storage_options)
+        shard_texts, _ = texts_of(table.slice(0, per_shard), shard, columns.text, "skip")
+        texts.extend(shard_texts)
+    if not texts:
+        raise CorpusError("no texts to calibrate int8 ranges on")
+    return calibrate_int8(ray.get(actor.encode.remote(texts, prompt)))
+
+
+def versions() -> dict:
+    import fsspec
+    import ray
+    import torch
+    import transformers
+
+    return {"embedpipe": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "pyarrow": pa.__version__, "ray": ray.__version__,
+            "fsspec": fsspec.__version__}
