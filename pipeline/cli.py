@@ -10,11 +10,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.spec import EmbedSpec, SpecError, base_type, field_types, load_spec
+from pipeline.spec import DedupSpec, EmbedSpec, SpecError, base_type, field_types, load_spec
 
 # name -> (spec class, "module:function" that runs it, help)
 JOBS: dict[str, tuple[type, str, str]] = {
     "embed": (EmbedSpec, "pipeline.tasks.embed:run_embed", "embed a corpus into a Parquet dataset"),
+    "dedup": (DedupSpec, "pipeline.tasks.dedup:run_dedup", "remove near-duplicates by the model's similarity"),
 }
 
 

@@ -166,3 +166,37 @@ def load_spec(cls: type, path: str | Path | None = None, overrides: dict[str, An
         raise SpecError(f"{path}: the spec must be a mapping of options")
     values.update(overrides or {})
     return build_spec(cls, values, str(path) if path else "options")
+
+
+@dataclass
+class DedupSpec(RuntimeOptions):
+    input: list[str] = opt([], "an embed output, or a raw corpus together with --model")
+    output: str | None = opt(None, "output URL (kept/, duplicates.parquet, pairs/, report.json)", required=True)
+    threshold: float | None = opt(None, "score at or above which two rows are duplicates", required=True)
+    model: str | None = opt(None, "embed a raw corpus first with this model")
+    similarity: str | None = opt(None, "override the model's similarity function",
+                                 ("cosine", "dot", "euclidean", "manhattan"))
+    mode: str = opt("exact", "exact: all pairs; partitioned: k-means, then pairs inside clusters",
+                    ("exact", "partitioned"))
+    clusters: int | None = opt(None, "k-means clusters for --mode partitioned (default: sqrt(rows))")
+    keep: str = opt("first", "which member of a group stays", ("first", "longest", "centroid"))
+    pairs_floor: float | None = opt(None, "store every pair at or above this score (default: threshold)")
+    from_pairs: str | None = opt(None, "re-group the pairs/ of an earlier dedup output at a stricter threshold")
+    text_column: str = opt("text", "text column (raw corpus, and --keep longest)")
+    id_column: str | None = opt(None, "id column of a raw corpus (default: 'id' when present, else file:row)")
+    rows_per_shard: int = opt(10000, "rows per shard when embedding a raw corpus")
+    block_size: int = opt(4096, "rows per scoring tile")
+    seed: int = opt(0, "k-means seed")
+    kmeans_iterations: int = opt(20, "k-means iterations")
+    recall_sample: int = opt(1000, "rows sampled to estimate partitioned mode's recall against exact")
+    overwrite: bool = opt(False, "replace an existing output made with other options")
+
+    def validate(self) -> None:
+        if not self.input and not self.from_pairs:
+            raise SpecError("input: required (or from_pairs)")
+        if self.clusters is not None and self.clusters < 1:
+            raise SpecError("clusters: must be at least 1")
+        if self.block_size < 1:
+            raise SpecError("block_size: must be at least 1")
+        if self.pairs_floor is not None and self.threshold is not None and self.pairs_floor > self.threshold:
+            raise SpecError(f"pairs_floor: {self.pairs_floor} is above the threshold {self.threshold}")

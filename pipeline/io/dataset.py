@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.io.storage import commit_bytes, filesystem, with_retries, write_json_atomic
+from pipeline.io.storage import TEMP_PREFIX, commit_bytes, filesystem, redact, with_retries, write_json_atomic
 
 PRECISIONS = ("float32", "float16", "int8", "ubinary")
 METADATA_KEY = b"embedpipe"
@@ -189,6 +191,19 @@ def finalize(root: str, storage_options: dict | None, shard_ids: Sequence[int], 
     return manifest
 
 
+def check_writable(root: str, storage_options: dict | None) -> None:
+    """Fail before any work when the output cannot be written (no such bucket, a file in the way, no access)."""
+    fs, path = filesystem(root, storage_options)
+    probe = join(path, f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:16]}")
+    try:
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path, exist_ok=True)
+        with_retries(lambda: fs.pipe_file(probe, b""), what=root)
+        with_retries(lambda: fs.rm_file(probe), what=root)
+    except Exception as exc:
+        raise DatasetError(redact(f"{root}: the output cannot be written ({type(exc).__name__}: {exc})")) from None
+
+
 def clear_output(root: str, storage_options: dict | None) -> None:
     """Remove what an earlier run wrote (only embedpipe's own files), for --overwrite."""
     fs, path = filesystem(root, storage_options)
@@ -243,3 +258,50 @@ def read_dataset(root: str, storage_options: dict | None = None, columns: Iterab
     if not tables:
         raise DatasetError(f"{root}: the dataset has no parts")
     return pa.concat_tables(tables)
+
+
+# -- vectors for scoring ------------------------------------------------------------------------
+
+
+def float_vectors(table: pa.Table, metadata: dict, where: str) -> np.ndarray:
+    """Embeddings as float32 for scoring: int8 is de-quantized; NaN, infinity and wrong widths are errors."""
+    precision = metadata.get("precision", "float32")
+    if precision == "ubinary":
+        raise DatasetError(f"{where}: ubinary embeddings cannot be scored; embed with float32, float16 or int8")
+    try:
+        raw = embeddings_of(table)
+    except DatasetError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
+    dim = metadata.get("dim")
+    if dim is not None and raw.shape[1] != dim:
+        raise DatasetError(f"{where}: embeddings have {raw.shape[1]} dimensions, the dataset says {dim}")
+    if precision == "int8":
+        calibration = metadata["int8_calibration"]
+        steps = np.asarray(calibration["steps"], dtype=np.float32)
+        vectors = (raw.astype(np.float32) + 128.0) * steps + np.asarray(calibration["starts"], dtype=np.float32)
+    else:
+        vectors = raw.astype(np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise DatasetError(f"{where}: row {int(np.argmin(finite))}: embedding has NaN or infinite values")
+    return vectors
+
+
+@dataclass(frozen=True)
+class PartsLoader:
+    """Picklable: reads a run of parts' vectors (for an actor holding one slice of the corpus)."""
+
+    root: str
+    parts: tuple[str, ...]
+    storage_options: dict
+    metadata: dict
+
+    def __call__(self) -> np.ndarray:
+        fs, path = filesystem(self.root, self.storage_options)
+        arrays = []
+        for name in self.parts:
+            data = with_retries(lambda n=name: fs.cat_file(join(path, n)), what=join(self.root, name))
+            table = pq.read_table(pa.BufferReader(data), columns=["embedding"])
+            arrays.append(float_vectors(table, self.metadata, join(self.root, name)))
+        dim = self.metadata.get("dim") or (arrays[0].shape[1] if arrays else 0)
+        return np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
