@@ -10,12 +10,24 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.spec import DedupSpec, EmbedSpec, SpecError, base_type, field_types, load_spec
+from pipeline.spec import (
+    DedupSpec,
+    EmbedSpec,
+    MineSpec,
+    ReembedSpec,
+    SpecError,
+    base_type,
+    field_types,
+    load_spec,
+)
 
 # name -> (spec class, "module:function" that runs it, help)
 JOBS: dict[str, tuple[type, str, str]] = {
     "embed": (EmbedSpec, "pipeline.tasks.embed:run_embed", "embed a corpus into a Parquet dataset"),
+    "mine": (MineSpec, "pipeline.tasks.mine:run_mine", "mine hard negatives for (anchor, positive) pairs"),
     "dedup": (DedupSpec, "pipeline.tasks.dedup:run_dedup", "remove near-duplicates by the model's similarity"),
+    "reembed": (ReembedSpec, "pipeline.tasks.reembed:run_reembed",
+                "re-embed only new and changed rows into the next version of a snapshot store"),
 }
 
 

@@ -141,10 +141,20 @@ def build_spec(cls: type, values: dict[str, Any], source: str = "spec") -> Any:
             if not default:
                 raise SpecError(f"{f.name}: required ({f.metadata.get('help', '')})")
     spec = cls(**converted)
+    spec.__dict__["explicit_keys"] = frozenset(converted)
     validate = getattr(spec, "validate", None)
     if validate:
         validate()
     return spec
+
+
+def explicit_keys(spec: Any) -> frozenset[str]:
+    """The options the user set (in YAML or flags); for a spec built in code, those off their default."""
+    given = spec.__dict__.get("explicit_keys")
+    if given is not None:
+        return given
+    return frozenset(f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != (
+        f.default if f.default is not dataclasses.MISSING else f.default_factory()))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -200,3 +210,85 @@ class DedupSpec(RuntimeOptions):
             raise SpecError("block_size: must be at least 1")
         if self.pairs_floor is not None and self.threshold is not None and self.pairs_floor > self.threshold:
             raise SpecError(f"pairs_floor: {self.pairs_floor} is above the threshold {self.threshold}")
+
+
+MINING_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
+
+
+@dataclass
+class MineSpec(RuntimeOptions):
+    model: str | None = opt(None, "model directory or URL (sentence-transformers format)", required=True)
+    input: list[str] = opt([], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs", required=True)
+    output: str | None = opt(None, "output URL (part-*.parquet, report.json, _SUCCESS)", required=True)
+    corpus: list[str] = opt([], "extra corpus (files, or an embed output); default: the positives only")
+    corpus_text_column: str = opt("text", "text column of a separate corpus")
+    anchor_column: str | None = opt(None, "anchor column (default: the first text column)")
+    positive_column: str | None = opt(None, "positive column (default: the second text column)")
+    range_min: int = opt(0, "skip the first N candidates")
+    range_max: int | None = opt(None, "consider at most N candidates (default as sentence-transformers)")
+    max_score: float | None = opt(None, "drop candidates scoring above this")
+    min_score: float | None = opt(None, "drop candidates scoring below this")
+    absolute_margin: float | None = opt(None, "negatives must score this much below the anchor's lowest positive")
+    relative_margin: float | None = opt(None, "negatives must score this share below the anchor's lowest positive")
+    num_negatives: int = opt(3, "negatives per anchor")
+    sampling_strategy: str = opt("top", "take the top of the window or sample it", ("top", "random"))
+    seed: int = opt(0, "seed for --sampling-strategy random")
+    include_positives: bool = opt(False, "keep positives among the candidates (forces n-tuple)")
+    output_format: str = opt("triplet", "sentence-transformers output layout", MINING_FORMATS)
+    output_scores: bool = opt(False, "add the scores column(s)")
+    preset: str | None = opt(None, "NV-Retriever positive-aware preset", ("percpos95", "marginpos"))
+    query_prompt_name: str | None = opt(None, "prompt name for anchors (default: the model's 'query' prompt)")
+    query_prompt: str | None = opt(None, "literal prompt for anchors")
+    corpus_prompt_name: str | None = opt(None, "prompt name for the corpus (default: the model's 'document')")
+    corpus_prompt: str | None = opt(None, "literal prompt for the corpus")
+    anchors_per_block: int = opt(1024, "anchors scored and written per output part")
+    block_size: int = opt(4096, "rows per scoring tile")
+    texts_per_task: int = opt(2048, "texts per encoding task")
+    max_batch_tokens: int | None = opt(None, "padded tokens per forward batch")
+    allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
+    overwrite: bool = opt(False, "replace an existing output made with other options")
+
+    def validate(self) -> None:
+        if self.anchors_per_block < 1:
+            raise SpecError("anchors_per_block: must be at least 1")
+        if self.range_max is not None and self.range_min >= self.range_max:
+            raise SpecError(f"range_min: {self.range_min} must be smaller than range_max {self.range_max}")
+        for name in ("absolute_margin", "relative_margin"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise SpecError(f"{name}: must not be negative, got {value}")
+        if self.num_negatives < 1:
+            raise SpecError("num_negatives: must be at least 1")
+
+
+@dataclass
+class ConvertSpec:
+    to: str | None = opt(None, "target layout", ("labeled-pair", "triplet"), required=True)
+    input: str | None = opt(None, "a triplet / n-tuple / labeled-pair Parquet file or folder", required=True,
+                            positional=True)
+    output: str | None = opt(None, "output folder", required=True, positional=True)
+    anchor_column: str | None = opt(None, "anchor column (default: the first column)")
+    positive_column: str | None = opt(None, "positive column (default: the second column)")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable)")
+
+
+@dataclass
+class ReembedSpec(EncodeOptions, RuntimeOptions):
+    input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC); needs an id column",
+                           required=True)
+    output: str | None = opt(None, "snapshot store URL (v00001/, v00002/, ..., _LATEST)", required=True)
+    keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
+    rows_per_shard: int = opt(10000, "rows per shard and per output part")
+    precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
+    on_null: str = opt("fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty"))
+    max_attempts: int = opt(3, "attempts per shard before the job fails")
+    keep: int | None = opt(None, "versions to keep, the one _LATEST names included (default: all)")
+    break_lock: bool = opt(False, "remove a _LOCK left by a crashed run (only when no run is active)")
+
+    def validate(self) -> None:
+        if self.keep is not None and self.keep < 1:
+            raise SpecError(f"keep: must be at least 1 (the version _LATEST names is never removed), got {self.keep}")
+        if self.rows_per_shard < 1:
+            raise SpecError(f"rows_per_shard: must be at least 1, got {self.rows_per_shard}")
+        if self.max_attempts < 1:
+            raise SpecError(f"max_attempts: must be at least 1, got {self.max_attempts}")

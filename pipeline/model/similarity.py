@@ -28,6 +28,8 @@ def as_float(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     Half precision and integer embeddings are upcast (as sentence-transformers does): fp16 matmul
     rounds scores into spurious ties and threshold misses, and int matmul/cdist fail on CUDA.
     """
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # arrays from Ray's object store are read-only; torch wants writable memory
     t = torch.as_tensor(x)
     if t.dtype != torch.float64:
         t = t.to(torch.float32)
