@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.spec import (
+    ConvertSpec,
     DedupSpec,
     EmbedSpec,
     MineSpec,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     inspect.add_argument("--allow-pickle", action="store_true")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    add_convert_parser(commands)
     demo = commands.add_parser("demo", help="embed the Python standard library's docstrings locally")
     demo.add_argument("--output", default="demo-output", help="where the demo writes (default: demo-output)")
     return parser
@@ -85,6 +87,32 @@ def run_job(name: str, args: argparse.Namespace) -> int:
     spec = load_spec(cls, args.spec, values)
     summary = resolve(target)(spec)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_convert_parser(commands) -> None:
+    """``embedpipe convert --to FORMAT INPUT OUTPUT``: positional fields, so not the generic flag builder."""
+    help_text = "convert a mining output between labeled-pair and triplet layouts"
+    parser = commands.add_parser("convert", help=help_text, description=help_text)
+    for f in dataclasses.fields(ConvertSpec):
+        meta = f.metadata
+        if meta.get("positional"):
+            parser.add_argument(f.name, help=meta.get("help"))
+        elif f.name == "storage_option":
+            parser.add_argument("--storage-option", dest=f.name, action="append", default=[], metavar="KEY=VALUE",
+                                help=meta.get("help"))
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, choices=meta.get("choices"),
+                                required=bool(meta.get("required")), default=argparse.SUPPRESS, help=meta.get("help"))
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from pipeline.spec import build_spec
+    from pipeline.tasks.convert import run_convert as convert
+
+    names = {f.name for f in dataclasses.fields(ConvertSpec)}
+    spec = build_spec(ConvertSpec, {k: v for k, v in vars(args).items() if k in names}, "options")
+    print(json.dumps(convert(spec), indent=2))
     return 0
 
 
@@ -114,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return run_inspect(args)
+        if args.command == "convert":
+            return run_convert(args)
         if args.command == "demo":
             from pipeline.demo import run_demo
 

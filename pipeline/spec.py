@@ -274,6 +274,8 @@ class ConvertSpec:
 
 @dataclass
 class ReembedSpec(EncodeOptions, RuntimeOptions):
+    """Embed options for a versioned store: ids from a column (they must stay stable), plus housekeeping."""
+
     input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC); needs an id column",
                            required=True)
     output: str | None = opt(None, "snapshot store URL (v00001/, v00002/, ..., _LATEST)", required=True)
@@ -292,3 +294,6 @@ class ReembedSpec(EncodeOptions, RuntimeOptions):
             raise SpecError(f"rows_per_shard: must be at least 1, got {self.rows_per_shard}")
         if self.max_attempts < 1:
             raise SpecError(f"max_attempts: must be at least 1, got {self.max_attempts}")
+        reserved = sorted({"id", "embedding", "content_hash"} & set(self.keep_columns))
+        if reserved:
+            raise SpecError(f"keep_columns: {', '.join(reserved)} is a column reembed writes itself")

@@ -34,3 +34,55 @@ def s3_bucket(s3_server: S3Server) -> S3Bucket:
     s3_server.make_bucket(name)
     options = s3_server.storage_options
     return S3Bucket(name=name, storage_options=options, fs=fsspec.filesystem("s3", **options))
+
+
+# --------------------------------------------------------------------------- Ray + models (embed tests)
+
+EMBED_OBJECT_STORE_BYTES = 96 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random-weight model (mean pooling, Normalize, 32 dims) saved by sentence-transformers."""
+    from tests.support.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("embed-models") / "tiny-mean")
+
+
+def start_local_ray(s3_endpoint: str) -> None:
+    """A fresh local Ray cluster via `pipeline.runtime.cluster.connect()`, with a small object store.
+
+    The moto endpoint is in the environment only while Ray starts, so the workers (which inherit the
+    raylet's environment) can reach S3 by environment alone, while this process keeps it unset."""
+    from pipeline.runtime import cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("EMBEDPIPE_OBJECT_STORE_BYTES", str(EMBED_OBJECT_STORE_BYTES))
+        mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        cluster.connect()
+
+
+@pytest.fixture(scope="session")
+def _ray_local_session(s3_server: S3Server) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray(s3_server.endpoint)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_local_session: None, s3_server: S3Server) -> None:
+    """One local Ray cluster shared by every in-process embed run (ray.init takes 5-9 s); restarted
+    only if a multi-node test module shut it down before this module."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray(s3_server.endpoint)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: multi-node Ray or subprocess runs of whole jobs (make test runs them)")

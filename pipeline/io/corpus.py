@@ -248,7 +248,8 @@ def is_corruption(exc: BaseException) -> bool:
     if isinstance(exc, pa.ArrowInvalid | EOFError):
         return True
     text = str(exc).lower()
-    return type(exc) is OSError and any(w in text for w in ("parquet", "thrift", "ipc", "arrow", "magic"))
+    words = ("parquet", "thrift", "ipc", "arrow", "magic", "corrupt", "compressed", "invalid", "deserializ")
+    return type(exc) is OSError and any(w in text for w in words)
 
 
 def read_rows(fs, path: str, shard: Shard, columns: Sequence[str] | None) -> pa.Table:

@@ -302,6 +302,50 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
     commit_bytes(fs, path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` holding `data` only if nothing is there; False when it already exists (locks).
+
+    Local: the bytes go to a temporary first and are hard-linked into place (link fails if the name
+    exists, and a reader never sees a half-written file); where links are unsupported, open "xb".
+    S3: a conditional PUT (If-None-Match: *), which AWS S3, MinIO and moto honour; a store that
+    ignores the header would make this a plain write.
+    """
+    if isinstance(fs, LocalFileSystem):
+        target = fs._strip_protocol(path)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        tmp = temp_path(target)
+        try:
+            with open(tmp, "xb") as handle:
+                handle.write(data)
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+            try:
+                with open(target, "xb") as handle:
+                    handle.write(data)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs maps 412 to FileExistsError only when it sees the Condition field
+        response = getattr(exc.__cause__, "response", None) or {}
+        if response.get("Error", {}).get("Code") == "PreconditionFailed":
+            return False
+        raise
+    return True
+
+
 # --------------------------------------------------------------------------- retries
 
 _PERMANENT: tuple[type[BaseException], ...] = (

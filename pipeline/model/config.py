@@ -57,6 +57,7 @@ class DenseConfig:
     out_features: int
     bias: bool
     activation: str  # a torch.nn class name, e.g. "Tanh" or "Identity"
+    use_residual: bool = False  # add the input (projected when in != out) to the output
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,12 @@ def parse_pooling(config: dict[str, Any], where: Path) -> tuple[int, tuple[str, 
 
 
 def parse_dense(config: dict[str, Any], folder: Path, where: Path) -> DenseConfig:
-    """Dense config; only torch.nn activation classes are accepted, by name."""
-    activation = config.get("activation_function") or "torch.nn.modules.linear.Identity"
-    activation = str(activation)
+    """Dense config; only torch.nn activation classes are accepted, by name.
+
+    Without an ``activation_function`` key, sentence-transformers' Dense uses its default, Tanh.
+    """
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    activation = str(activation or "torch.nn.modules.linear.Identity")
     class_name = activation.rsplit(".", 1)[-1]
     if not activation.startswith("torch.nn.") or not is_torch_nn_module_class(class_name):
         raise ModelConfigError(
@@ -155,6 +159,7 @@ def parse_dense(config: dict[str, Any], folder: Path, where: Path) -> DenseConfi
             out_features=int(config["out_features"]),
             bias=bool(config.get("bias", True)),
             activation=class_name,
+            use_residual=bool(config.get("use_residual", False)),
         )
     except KeyError as exc:
         raise ModelConfigError(f"{where}: missing key {exc.args[0]!r}") from None

@@ -179,6 +179,9 @@ class Dense(nn.Module):
         super().__init__()
         self.linear = nn.Linear(config.in_features, config.out_features, bias=config.bias)
         self.activation = getattr(nn, config.activation)()
+        self.use_residual = config.use_residual
+        if self.use_residual and config.in_features != config.out_features:
+            self.residual = nn.Linear(config.in_features, config.out_features, bias=False)
         self.load_weights(config.path, allow_pickle)
 
     def load_weights(self, folder: Path, allow_pickle: bool) -> None:
@@ -197,7 +200,11 @@ class Dense(nn.Module):
             raise ModelConfigError(f"{folder}: Dense weights do not match its config.json ({exc})") from None
 
     def forward(self, features: Features) -> Features:
-        features["sentence_embedding"] = self.activation(self.linear(features["sentence_embedding"]))
+        x = features["sentence_embedding"]
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (self.residual(x) if hasattr(self, "residual") else x)
+        features["sentence_embedding"] = out
         return features
 
 

@@ -80,7 +80,13 @@ def resolve_source(spec: DedupSpec, storage_options: dict, log) -> Source:
         return load_source(url, metadata, storage_options, raw=False)
     if not spec.model:
         raise DedupError(f"{', '.join(spec.input)}: not an embedpipe dataset; pass --model to embed it first")
+    from pipeline.model.config import load_model_config
+    from pipeline.model.files import local_model_dir
     from pipeline.tasks.embed import run_embed
+
+    config = load_model_config(local_model_dir(spec.model, storage_options))
+    fn = spec.similarity or config.similarity_fn_name
+    check_threshold(fn, spec.threshold, config.normalized)
 
     target = join(spec.output.rstrip("/"), "embeddings")
     sources = corpus.list_sources(spec.input, storage_options)
@@ -133,12 +139,15 @@ def read_ids(source: Source, storage_options: dict, column: str = "id") -> list:
 def slices(source: Source, workers: int) -> list[tuple[PartsLoader, int]]:
     """Contiguous runs of parts with about the same number of rows, one per actor."""
     offsets = source.offsets()
-    workers = max(1, min(workers, len(source.parts)))
+    count = len(source.parts)
+    workers = max(1, min(workers, count))
     bounds = [0]
     for w in range(1, workers):
+        # the part boundary nearest to an even split, leaving at least one part for each later slice
         target = source.rows * w / workers
-        bounds.append(max(bounds[-1] + 1, int(np.searchsorted(offsets, target))))
-    bounds.append(len(source.parts))
+        nearest = int(np.argmin(np.abs(np.asarray(offsets, dtype=np.float64) - target)))
+        bounds.append(min(max(bounds[-1] + 1, nearest), count - (workers - w)))
+    bounds.append(count)
     result = []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if a < b:
@@ -173,7 +182,9 @@ class IndexPool:
             for slot, ref in refs.items():
                 try:
                     results[slot] = ray.get(ref)
-                except RayActorError:
+                except RayActorError as exc:
+                    if exc.actor_init_failed:  # loading its slice failed: bad data, not a lost worker
+                        raise DedupError(init_error(exc)) from None
                     if self.replaced >= 4 * len(self.actors):
                         raise
                     self.replaced += 1
@@ -189,12 +200,21 @@ class IndexPool:
             ray.kill(actor)
 
 
+def init_error(exc: Exception) -> str:
+    """The message of the exception an actor's constructor raised (Ray wraps it in its traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(exc)
+    name, sep, message = last.partition(": ")
+    return message if sep and name.replace(".", "").replace("_", "").isalnum() else last
+
+
 def pairs_table(i: np.ndarray, j: np.ndarray, s: np.ndarray, ids: list) -> pa.Table:
     order = np.lexsort((j, i))
     i, j, s = i[order], j[order], s[order]
+    id_type = pa.array(ids[:1]).type
     return pa.table({
         "row": pa.array(i, pa.int64()), "neighbor_row": pa.array(j, pa.int64()),
-        "id": pa.array([ids[k] for k in i]), "neighbor_id": pa.array([ids[k] for k in j]),
+        "id": pa.array([ids[k] for k in i], id_type), "neighbor_id": pa.array([ids[k] for k in j], id_type),
         "score": pa.array(s, pa.float32()),
     })
 
@@ -387,7 +407,8 @@ def rows_from_parts(source: Source, rows: np.ndarray, storage_options: dict, col
 def histogram(values: np.ndarray, bins: int = 10) -> dict:
     if not len(values):
         return {"edges": [], "counts": []}
-    counts, edges = np.histogram(values, bins=bins)
+    # float64: float32 scores a few ulps apart (copies at 1.0 and 0.99999994) make float32 bin edges collide
+    counts, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins)
     return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 
 
@@ -487,6 +508,7 @@ def prepare_output(output: str, key: str, plan: dict, spec: DedupSpec, storage_o
 
 def run_dedup(spec: DedupSpec, log=None) -> dict:
     """Run the dedup job; returns report.json's content."""
+    import ray
     from tqdm import tqdm
 
     from pipeline.runtime import cluster
@@ -512,7 +534,10 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     prepare_output(output, key, {"source": source.root, "similarity_fn_name": fn, "pairs_floor": floor,
                                  "mode": spec.mode, "raw": source.raw}, spec, storage_options, log)
     ids = read_ids(source, storage_options)
-    pool = IndexPool(loaders, actor_plan.num_gpus, actor_plan.num_cpus)
+    num_cpus = actor_plan.num_cpus
+    if not actor_plan.num_gpus:  # more workers than CPUs: share them, or the extra actors never start
+        num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
+    pool = IndexPool(loaders, actor_plan.num_gpus, num_cpus)
     timings = {}
     extra: dict = {"mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders)}
     try:
@@ -548,6 +573,10 @@ def regroup(spec: DedupSpec, storage_options: dict, output: str, log) -> dict:
     fn = plan["similarity_fn_name"]
     metadata = dataset_metadata(plan["source"], storage_options)
     source = load_source(plan["source"], metadata, storage_options, raw=bool(plan.get("raw")))
+    check_pairs_complete(earlier, plan["mode"], source, storage_options)
+    if exists(output, SUCCESS_FILE, storage_options):
+        fs, path = filesystem(output, storage_options)
+        fs.rm(join(path, SUCCESS_FILE))  # its outputs are about to be rewritten
     pairs = read_pairs(earlier, storage_options)
     if output != earlier:
         for table_name in ("pairs",):
@@ -562,3 +591,19 @@ def regroup(spec: DedupSpec, storage_options: dict, output: str, log) -> dict:
     log(f"re-grouping {pairs.num_rows} stored pairs of {earlier} at threshold {spec.threshold}")
     extra = {"mode": plan["mode"], "pairs_floor": plan["pairs_floor"], "source": source.root, "from_pairs": earlier}
     return write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, storage_options, extra)
+
+
+def check_pairs_complete(root: str, mode: str, source: Source, storage_options: dict) -> None:
+    """Every pairs file of the earlier run is there: one per source part (exact) or per owner (partitioned)."""
+    fs, path = filesystem(root, storage_options)
+    names = {n.rsplit("/", 1)[-1] for n in fs.ls(join(path, "pairs"), detail=False)}
+    if mode == "exact":
+        expected = {f"pairs-{index:05d}.parquet" for index in range(len(source.parts))}
+    else:
+        owners = {int(n[:-len(".parquet")].rsplit("-of-", 1)[1]) for n in names
+                  if n.startswith("cluster-owner-") and n.endswith(".parquet")}
+        expected = {f"cluster-owner-{o:05d}-of-{count:05d}.parquet" for count in owners for o in range(count)}
+    missing = sorted(expected - names) if expected else ["pairs/*.parquet"]
+    if missing:
+        raise DatasetError(f"{root}: the pairs are incomplete (missing {missing[0]}); finish that dedup first "
+                           "(re-running it resumes)")

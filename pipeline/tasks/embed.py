@@ -25,6 +25,7 @@ from pipeline.io.dataset import (
     PLAN_FILE,
     DatasetError,
     calibrate_int8,
+    check_writable,
     clear_output,
     finalize,
     is_complete,
@@ -94,12 +95,24 @@ def compatible(a: pa.DataType, b: pa.DataType) -> bool:
     return pa.types.is_integer(a) and pa.types.is_integer(b)
 
 
-def check_unique_ids(shards: list[Shard], id_column: str, storage_options: dict | None) -> None:
-    """Every id once across the corpus (read once, id column only); the error names file and row."""
+def check_rows(shards: list[Shard], columns: Columns, on_null: str, on_duplicate_id: str,
+               storage_options: dict | None) -> None:
+    """Before anything is committed, read the text and id columns once on the driver: every text
+    decodes, no null/empty text under ``--on-null fail``, every id once. The error names file and row,
+    so a corpus that would fail half-way leaves no part behind."""
+    check_ids = columns.id is not None and on_duplicate_id == "fail"
     seen: dict = {}
     for shard in shards:
-        table = corpus.read_shard(shard, [id_column], storage_options)
-        ids = corpus.ids_of(table, shard, id_column).to_pylist()
+        check_texts = on_null == "fail" or shard.format == "jsonl"  # JSON Lines may hold invalid UTF-8
+        wanted = ([columns.text] if check_texts else []) + ([columns.id] if check_ids else [])
+        if not wanted:
+            continue
+        table = corpus.read_shard(shard, wanted, storage_options)
+        if check_texts:
+            texts_of(table, shard, columns.text, on_null)
+        if not check_ids:
+            continue
+        ids = corpus.ids_of(table, shard, columns.id).to_pylist()
         for offset, value in enumerate(ids):
             where = (shard.url, shard.row_start + offset)
             first = seen.setdefault(value, where)
@@ -207,6 +220,8 @@ def is_retryable(exc: BaseException) -> bool:
 
 def run_embed(spec: EmbedSpec, log=None) -> dict:
     """Run the embed job; returns the summary (also stored in the manifest)."""
+    import ray
+
     from pipeline.runtime import actors as ray_actors
     from pipeline.runtime import cluster, scheduler
 
@@ -237,15 +252,19 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         log(f"replacing the existing output at {output}")
         clear_output(output, storage_options)
         existing = None
-    if columns.id and spec.on_duplicate_id == "fail" and existing is None:
-        check_unique_ids(shards, columns.id, storage_options)
+    if existing is None:
+        check_writable(output, storage_options)
+        check_rows(shards, columns, spec.on_null, spec.on_duplicate_id, storage_options)
 
-    cluster.connect(spec.ray_address)
-    plan = cluster.plan_actors(spec.workers)
-    actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
-    import ray
-
-    description = ray.get(actors[0].describe.remote())
+    done = read_receipts(output, storage_options) if existing is not None else {}
+    todo = [s for s in shards if s.shard_id not in done]
+    if todo or "model" not in existing:
+        cluster.connect(spec.ray_address)
+        plan = cluster.plan_actors(spec.workers)
+        actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
+        description = {k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")}
+    else:  # every part is committed: no cluster is needed, the stored plan describes the model
+        plan, actors, description = cluster.ActorPlan(0, 0, 0), [], existing["model"]
     prompt = resolve_prompt(spec, description)
     calibration = existing.get("calibration") if existing else None
     if spec.precision == "int8" and calibration is None:
@@ -261,18 +280,16 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         metadata["int8_calibration"] = calibration
     if existing is None:
         write_json_file(output, PLAN_FILE, {
-            "key": key, "shards": [s.to_dict() for s in shards], "metadata": metadata,
+            "key": key, "shards": [s.to_dict() for s in shards], "metadata": metadata, "model": description,
             "calibration": calibration, "storage_options": safe_options(storage_options),
         }, storage_options)
 
-    done = read_receipts(output, storage_options) if existing is not None else {}
-    todo = [s for s in shards if s.shard_id not in done]
     total_rows = sum(s.rows for s in shards)
     log(f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
         f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)")
     work = EmbedShardWork(output, columns, prompt, spec.precision, calibration, metadata, spec.on_null,
                           spec.max_batch_tokens, storage_options)
-    receipts = dict(done)
+    receipts = {shard_id: receipt.to_dict() for shard_id, receipt in done.items()}
     bar = tqdm(total=total_rows, initial=sum(done[i].rows + done[i].skipped_rows for i in done), unit="rows",
                disable=not spec.progress, file=sys.stderr, dynamic_ncols=True)
     encode_started = time.perf_counter()
@@ -309,7 +326,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     padded = sum(r["padded_tokens"] for r in receipts.values())
     seconds = time.perf_counter() - started
     summary = {
-        "output": output, "rows": sum(r["rows"] for r in receipts.values()),
+        "output": redact(output), "rows": sum(r["rows"] for r in receipts.values()),
         "skipped_rows": sum(r.get("skipped_rows", 0) for r in receipts.values()),
         "tokens": tokens, "padded_token_ratio": round(1 - tokens / padded, 4) if padded else 0.0,
         "seconds": round(seconds, 2), "shards": {

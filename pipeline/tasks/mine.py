@@ -1,11 +1,14 @@
 """The mine job: hard negatives for (anchor, positive) pairs with sentence-transformers' semantics, on Ray.
 
 Steps: read the pairs and group them as sentence-transformers does (distinct anchors, a de-duplicated
-corpus of extra corpus + positives); encode anchors and corpus on EncoderActors (the encoded chunks stay
-in Ray's object store); IndexShardActors each hold a slice of the corpus vectors and return every
-anchor block's top candidates over their slice; the driver merges them, applies the rules
-(``pipeline.compute.negatives``) and commits one output part per anchor block, so memory does not grow
-with the output and a re-run resumes at the first missing part.
+corpus of extra corpus + positives) and check every input and option, all on the driver before Ray
+starts or anything is written; encode the corpus and the anchors of the parts still missing on
+EncoderActors (the encoded chunks stay in Ray's object store); IndexShardActors each hold a slice of the
+corpus vectors and return every anchor block's top candidates over their slice; the driver merges them,
+applies the rules (``pipeline.compute.negatives``) and commits one output part (and its receipt under
+``_parts/``) per anchor block, so memory does not grow with the output. A re-run with the same input and
+options skips the committed parts (and needs no Ray at all when every part is there); report.json is
+built from the receipts, so it is the same either way.
 
 The one difference from ``mine_hard_negatives``: scores use the model's own similarity function and
 normalization, where sentence-transformers always normalizes and uses cosine. For the usual cosine
@@ -183,7 +186,7 @@ def prepare_output(output: str, key: str, spec: MineSpec, storage_options: dict,
         fs, path = filesystem(output, storage_options)
         for entry in fs.ls(path, detail=False):
             base = entry.rsplit("/", 1)[-1]
-            if base.startswith("part-") or base in (SUCCESS_FILE, PLAN_FILE, MANIFEST_FILE, "report.json"):
+            if base.startswith("part-") or base in (SUCCESS_FILE, PLAN_FILE, MANIFEST_FILE, "report.json", "_parts"):
                 fs.rm(entry, recursive=True)
         existing = None
     if existing is None:
@@ -214,24 +217,39 @@ def histogram(values: np.ndarray, bins: int = 20) -> dict:
     return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 
 
+def check_output_columns(options: rules.MiningOptions, anchor_col: str, positive_col: str) -> None:
+    """Column names that would clash with the format's own columns fail now, not after the encoding."""
+    build_table(options.output_format, anchors=[], positives=[], positive_scores=[], negatives=[],
+                negative_scores=[], num_negatives=options.num_negatives, output_scores=options.output_scores,
+                anchor_column=anchor_col, positive_column=positive_col)
+
+
+def committed_parts(output: str, count: int, storage_options: dict) -> dict[int, dict]:
+    """Receipts of the parts a previous run committed (part and receipt both present)."""
+    done = {}
+    for number in range(count):
+        name = f"part-{number:05d}.parquet"
+        receipt = read_json_file(output, f"_parts/part-{number:05d}.json", storage_options)
+        if receipt is not None and "positive_scores" in receipt and part_exists(output, name, storage_options):
+            done[number] = receipt
+    return done
+
+
 def run_mine(spec: MineSpec, log=None) -> dict:
     """Run the mining job; returns report.json's content."""
-    import ray
-    import torch
     from tqdm import tqdm
 
-    from pipeline.compute.knn import merge_topk
+    from pipeline.model.config import load_model_config
     from pipeline.model.files import fingerprint, local_model_dir
     from pipeline.model.modules import check_model
-    from pipeline.runtime import actors as ray_actors
-    from pipeline.runtime import cluster
 
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
     storage_options = parse_storage_options(spec.storage_option)
     output = spec.output.rstrip("/")
 
-    # Everything that can be wrong with the input is found before Ray starts.
+    # Everything that can be wrong with the input or the options is found before Ray starts and
+    # before anything is written: columns, texts, model, prompts, corpus, grouping, options, names.
     where = ", ".join(spec.input)
     pairs = read_table(spec.input, storage_options, "pairs")
     anchor_col, positive_col = pair_columns(pairs, spec, where)
@@ -239,28 +257,84 @@ def run_mine(spec: MineSpec, log=None) -> dict:
     model_dir = local_model_dir(spec.model, storage_options)
     check_model(model_dir, spec.allow_pickle)
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": None})
-
-    cluster.connect(spec.ray_address)
-    plan = cluster.plan_actors(spec.workers)
-    encoders = ray_actors.start_actors(plan, str(model_dir), {"allow_pickle": spec.allow_pickle,
-                                                              "storage_options": storage_options})
-    description = ray.get(encoders[0].describe.remote())
-    query_prompt, corpus_prompt = prompts_for(spec, description)
+    model_config = load_model_config(model_dir)
+    query_prompt, corpus_prompt = prompts_for(spec, {"prompts": model_config.prompts})
     extra = read_corpus(spec, storage_options, model_fingerprint, corpus_prompt)
-    groups = rules.group_pairs(anchors_in, positives_in, extra.texts)
+    try:
+        groups = rules.group_pairs(anchors_in, positives_in, extra.texts)
+    except ValueError as exc:
+        raise MineError(f"pairs {where}: {exc}") from None
     options = mining_options(spec, groups.max_positives)
-    fn = description["similarity_fn_name"]
+    check_output_columns(options, anchor_col, positive_col)
+    fn = model_config.similarity_fn_name
     k = rules.candidate_count(options, groups.max_positives, len(groups.corpus))
     key = plan_key({"model": model_fingerprint, "pairs": hashlib.sha256(
         json.dumps([anchors_in, positives_in]).encode()).hexdigest(), "corpus": hashlib.sha256(
         json.dumps(extra.texts).encode()).hexdigest(), "options": asdict(options), "query_prompt": query_prompt,
         "corpus_prompt": corpus_prompt, "columns": [anchor_col, positive_col], "block": spec.anchors_per_block})
     prepare_output(output, key, spec, storage_options, log)
-    log(f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
-        f"{k} candidates per anchor; {plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)")
 
-    # Encode: the corpus (reusing an embed output's vectors for its leading texts) and the anchors.
-    timings = {}
+    blocks = list(range(0, len(groups.anchors), spec.anchors_per_block))
+    done = committed_parts(output, len(blocks), storage_options)
+    todo = [number for number in range(len(blocks)) if number not in done]
+    log(f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
+        f"{k} candidates per anchor; {len(blocks)} part(s), {len(done)} already committed")
+    timings: dict = {}
+    workers = 0
+    if todo:
+        fs, path = filesystem(output, storage_options)
+        if with_retries(lambda: fs.exists(join(path, SUCCESS_FILE)), what=output):
+            # A part went missing since the last complete run: the output is not complete until it is back.
+            with_retries(lambda: fs.rm_file(join(path, SUCCESS_FILE)), what=output)
+        workers = mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo,
+                              done, output, anchor_col, positive_col, model_dir, storage_options, timings,
+                              tqdm, log)
+
+    # The report comes from the receipts, so a resumed run reports exactly what a single run would.
+    totals = rules.MiningStats()
+    for number in range(len(blocks)):
+        totals = totals + stats_from(done[number]["stats"])
+    positive_scores_all = np.concatenate([np.asarray(done[n]["positive_scores"], np.float32) for n in sorted(done)])
+    negative_scores_all = np.concatenate([np.asarray(done[n]["negative_scores"], np.float32) for n in sorted(done)])
+    timings["total_seconds"] = round(time.perf_counter() - started, 3)
+    report = {
+        "output": output, "output_format": options.output_format, "pairs_in": len(pairs),
+        "anchors_in": len(groups.anchors), "anchors_out": sum(done[n]["anchors_out"] for n in done),
+        "corpus_size": len(groups.corpus), "corpus_reused_from": extra.reused_from,
+        "rows_out": sum(done[n]["rows"] for n in done), "parts": len(blocks),
+        "parts_written": len(todo), "parts_resumed": len(blocks) - len(todo), "candidates_per_anchor": k,
+        "anchors_short_of_negatives": totals.short_anchors, "negatives": totals.negatives,
+        "dropped": totals.dropped, "padding": totals.padding, "similarity_fn_name": fn,
+        "options": asdict(options), "query_prompt": query_prompt, "corpus_prompt": corpus_prompt,
+        "positive_score_histogram": histogram(positive_scores_all),
+        "negative_score_histogram": histogram(negative_scores_all),
+        "timings": timings, "workers": workers,
+    }
+    write_json_file(output, "report.json", report, storage_options)
+    fs, path = filesystem(output, storage_options)
+    with_retries(lambda: commit_bytes(fs, join(path, SUCCESS_FILE), b""), what=join(output, SUCCESS_FILE))
+    return report
+
+
+def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo, done, output,
+                anchor_col, positive_col, model_dir, storage_options, timings, tqdm, log) -> int:
+    """Encode on the encoder actors, search on the index actors, commit the parts in ``todo`` (receipts
+    go into ``done``); returns the number of workers."""
+    import ray
+    import torch
+
+    from pipeline.compute.knn import merge_topk
+    from pipeline.runtime import actors as ray_actors
+    from pipeline.runtime import cluster
+
+    cluster.connect(spec.ray_address)
+    plan = cluster.plan_actors(spec.workers)
+    log(f"{len(todo)} part(s) to mine on {plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)")
+    encoders = ray_actors.start_actors(plan, str(model_dir), {"allow_pickle": spec.allow_pickle,
+                                                              "storage_options": storage_options})
+
+    # Encode: the corpus (reusing an embed output's vectors for its leading texts) and the anchors of
+    # the parts still to write.
     encode_started = time.perf_counter()
     reused = 0
     if extra.vectors is not None:
@@ -270,12 +344,19 @@ def run_mine(spec: MineSpec, log=None) -> dict:
         reused_vectors = extra.vectors[[position[t] for t in groups.corpus[:reused]]]
     else:
         reused_vectors = None
-    corpus_refs = encode_chunks(encoders, groups.corpus[reused:], corpus_prompt, spec.texts_per_task)
-    anchor_refs = encode_chunks(encoders, groups.anchors, query_prompt, spec.anchors_per_block)
-    ray.wait(corpus_refs + anchor_refs, num_returns=len(corpus_refs) + len(anchor_refs))
+    try:
+        corpus_refs = encode_chunks(encoders, groups.corpus[reused:], corpus_prompt, spec.texts_per_task)
+        anchor_refs = {}
+        for i, number in enumerate(todo):
+            start = blocks[number]
+            anchor_refs[number] = encoders[i % len(encoders)].encode.remote(
+                groups.anchors[start : start + spec.anchors_per_block], query_prompt)
+        refs = corpus_refs + list(anchor_refs.values())
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the vectors stay in the object store
+    finally:
+        for actor in encoders:
+            ray.kill(actor)
     timings["encode_seconds"] = round(time.perf_counter() - encode_started, 3)
-    for actor in encoders:
-        ray.kill(actor)
 
     # Index actors: contiguous slices of the corpus chunks.
     workers = max(1, min(plan.workers, len(corpus_refs) + (reused_vectors is not None)))
@@ -293,38 +374,25 @@ def run_mine(spec: MineSpec, log=None) -> dict:
         offset += size
     index_actors = ray_actors.start_index_actors(loaders, plan.num_gpus, plan.num_cpus)
 
-    totals = rules.MiningStats()
-    positive_scores_all, negative_scores_all = [], []
-    rows_out = 0
     mine_started = time.perf_counter()
-    blocks = range(0, len(groups.anchors), spec.anchors_per_block)
+    todo_anchors = sum(min(spec.anchors_per_block, len(groups.anchors) - blocks[n]) for n in todo)
     try:
-        with tqdm(total=len(groups.anchors), unit="anchors", disable=not spec.progress, file=sys.stderr) as bar:
-            for number, start in enumerate(blocks):
+        with tqdm(total=todo_anchors, unit="anchors", disable=not spec.progress, file=sys.stderr) as bar:
+            for number in todo:
+                start = blocks[number]
                 stop = min(start + spec.anchors_per_block, len(groups.anchors))
                 name = f"part-{number:05d}.parquet"
-                anchor_vectors = ray.get(anchor_refs[number])
+                anchor_vectors = ray.get(anchor_refs.pop(number))
                 positive_idx = groups.positive_indices[start:stop]
                 needed = np.unique(np.concatenate(positive_idx))
-                found = [ray.get(a.rows.remote(needed)) for a in index_actors]
+                found = ray.get([a.rows.remote(needed) for a in index_actors])
                 lookup = {int(r): v for rows, vecs in found for r, v in zip(rows, vecs, strict=True)}
                 pos_scores = [scores_between(anchor_vectors[i], np.stack([lookup[int(p)] for p in idx]), fn)
                               for i, idx in enumerate(positive_idx)]
-                positive_scores_all.extend(np.concatenate(pos_scores).tolist())
-                receipt_name = f"_parts/{name.replace('.parquet', '.json')}"
-                receipt = read_json_file(output, receipt_name, storage_options)
-                if receipt is not None and part_exists(output, name, storage_options):
-                    totals = totals + stats_from(receipt["stats"])
-                    negative_scores_all.extend(receipt["negative_scores"])
-                    rows_out += receipt["rows"]
-                    bar.update(stop - start)
-                    continue
                 partial = ray.get([a.topk.remote(anchor_vectors, fn, k, spec.block_size) for a in index_actors])
                 scores, indices = merge_topk([(torch.as_tensor(s), torch.as_tensor(i)) for s, i in partial], k)
                 mined = rules.select_negatives(scores, indices, positive_idx, pos_scores, options,
                                                groups.max_positives, anchor_offset=start)
-                totals = totals + mined.stats
-                negative_scores_all.extend(s for block in mined.negative_scores for s in block.tolist())
                 table = build_table(
                     options.output_format, anchors=groups.anchors[start:stop],
                     positives=[[groups.corpus[p] for p in idx] for idx in positive_idx],
@@ -334,31 +402,20 @@ def run_mine(spec: MineSpec, log=None) -> dict:
                     output_scores=options.output_scores, anchor_column=anchor_col, positive_column=positive_col,
                 )
                 commit_part(output, name, table, storage_options)
-                block_negatives = [s for block in mined.negative_scores for s in block.tolist()]
-                write_json_file(output, receipt_name, {"rows": table.num_rows, "stats": mined.stats.as_dict(),
-                                                       "negative_scores": block_negatives}, storage_options)
-                rows_out += table.num_rows
+                receipt = {
+                    "rows": table.num_rows, "anchors_out": len(set(table.column(anchor_col).to_pylist())),
+                    "stats": mined.stats.as_dict(),
+                    "positive_scores": [float(s) for block in pos_scores for s in block],
+                    "negative_scores": [float(s) for block in mined.negative_scores for s in block],
+                }
+                write_json_file(output, f"_parts/part-{number:05d}.json", receipt, storage_options)
+                done[number] = receipt
                 bar.update(stop - start)
     finally:
         for actor in index_actors:
             ray.kill(actor)
     timings["mine_seconds"] = round(time.perf_counter() - mine_started, 3)
-    timings["total_seconds"] = round(time.perf_counter() - started, 3)
-    report = {
-        "output": output, "output_format": options.output_format, "pairs_in": len(pairs),
-        "anchors_in": len(groups.anchors), "corpus_size": len(groups.corpus), "corpus_reused_from": extra.reused_from,
-        "rows_out": rows_out, "parts": len(blocks), "candidates_per_anchor": k,
-        "anchors_short_of_negatives": totals.short_anchors, "negatives": totals.negatives,
-        "dropped": totals.dropped, "padding": totals.padding, "similarity_fn_name": fn,
-        "options": asdict(options), "query_prompt": query_prompt, "corpus_prompt": corpus_prompt,
-        "positive_score_histogram": histogram(np.asarray(positive_scores_all, dtype=np.float32)),
-        "negative_score_histogram": histogram(np.asarray(negative_scores_all, dtype=np.float32)),
-        "timings": timings, "workers": plan.workers,
-    }
-    write_json_file(output, "report.json", report, storage_options)
-    fs, path = filesystem(output, storage_options)
-    with_retries(lambda: commit_bytes(fs, join(path, SUCCESS_FILE), b""), what=join(output, SUCCESS_FILE))
-    return report
+    return plan.workers
 
 
 def stats_from(data: dict) -> rules.MiningStats:

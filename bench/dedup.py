@@ -1,0 +1,275 @@
+"""Dedup benchmarks; results go to BENCHMARKS.md ("Dedup") with the command that made them.
+
+(a) exact range search, single process, same thread count: ``pipeline.compute.knn.range_pairs`` (blockwise,
+    upper triangle only) against faiss ``IndexFlatIP.range_search`` on the same normalized random vectors
+    with planted duplicates; both must return the same pairs.
+(b) the whole dedup: ``run_dedup`` (exact mode, Ray index actors, on a prebuilt embed dataset, writing
+    kept/, duplicates.parquet, pairs/, report.json) against ``sentence_transformers.util.community_detection``
+    (in memory, no output) at the same threshold; each in its own subprocess for time and peak memory.
+
+    .venv/bin/python bench/dedup.py --search-rows 100000 --dedup-rows 200000 --threshold 0.9 --workers 2
+
+Memory: for community_detection, the subprocess's peak RSS (getrusage). For ours, a psutil poller
+(every 0.1 s) sums the RSS of the driver and of every IndexShardActor process; the peak of that sum is
+reported, and separately the peak of the Ray daemons (raylet, GCS, ...) it runs beside. RSS counts
+shared pages (torch, the object store) in each process, so the sum errs high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM = 384
+
+
+def planted(n: int, seed: int = 0, dup_fraction: float = 0.02) -> tuple[np.ndarray, int]:
+    """n normalized random vectors; dup_fraction of them replaced by copies or perturbations of others
+    (cosine 1.0 down to about 0.95), in groups of 2 to 5. Returns (vectors, rows replaced)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    targets = rng.choice(n, size=int(n * dup_fraction), replace=False)
+    replaced, start = 0, 0
+    while start < len(targets):
+        size = int(rng.integers(2, 6))
+        group = targets[start : start + size]
+        start += size
+        if len(group) < 2:
+            break
+        for row in group[1:]:
+            noise = rng.uniform(0.0, 0.012)  # 0: exact copy; 0.012 * sqrt(384) = 0.23 -> cosine about 0.97
+            v = x[group[0]] + noise * rng.standard_normal(DIM, dtype=np.float32)
+            x[row] = v / np.linalg.norm(v)
+            replaced += 1
+    return x, replaced
+
+
+def machine() -> dict:
+    import faiss
+    import torch
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+
+
+# -- (a) exact range search ----------------------------------------------------------------------
+
+
+def bench_search(rows: int, threshold: float, threads: int, block_size: int) -> dict:
+    import faiss
+    import torch
+
+    from pipeline.compute.knn import range_pairs
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    x, replaced = planted(rows)
+
+    started = time.perf_counter()
+    i, j, s = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
+                          block_size=block_size, upper_only=True)
+    ours_s = time.perf_counter() - started
+    ours = set(zip(i.tolist(), j.tolist(), strict=True))
+
+    index = faiss.IndexFlatIP(DIM)
+    index.add(x)
+    started = time.perf_counter()
+    lims, scores, labels = index.range_search(x, threshold)
+    faiss_s = time.perf_counter() - started
+    queries = np.repeat(np.arange(rows), np.diff(lims))
+    upper = queries < labels
+    theirs = set(zip(queries[upper].tolist(), labels[upper].tolist(), strict=True))
+    # faiss keeps scores > radius, ours >= threshold: only a pair scoring exactly the threshold may differ
+    differ = ours ^ theirs
+    return {"rows": rows, "dim": DIM, "threshold": threshold, "threads": threads, "block_size": block_size,
+            "planted_rows": replaced, "pairs_ours": len(ours), "pairs_faiss": len(theirs),
+            "same_pairs": not differ, "pairs_differing": len(differ),
+            "ours_s": round(ours_s, 2), "faiss_s": round(faiss_s, 2), "ratio": round(ours_s / faiss_s, 3)}
+
+
+# -- (b) whole dedup -----------------------------------------------------------------------------
+
+
+def build_dataset(root: Path, rows: int, part_rows: int) -> None:
+    import pyarrow as pa
+
+    from pipeline.io.dataset import finalize, quantize, write_part
+
+    x, _ = planted(rows, seed=1)
+    meta = {"model": "synthetic", "model_name": "synthetic", "fingerprint": "bench", "pooling": ["mean"],
+            "normalized": True, "similarity_fn_name": "cosine", "prompt": "", "dim": DIM, "precision": "float32",
+            "text_column": "text", "id_column": "id", "version": "bench"}
+    parts = 0
+    for parts, start in enumerate(range(0, rows, part_rows)):
+        block = x[start : start + part_rows]
+        ids = pa.array([f"row-{r}" for r in range(start, start + len(block))])
+        write_part(str(root), None, parts, pa.table({"id": ids, "embedding": quantize(block, "float32")}), meta)
+    finalize(str(root), None, list(range(parts + 1)), {"metadata": meta})
+
+
+class RayMemoryPoller:
+    """Peak of (driver + IndexShardActor processes) RSS, and peak of the Ray daemons' RSS."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.peak_job = self.peak_daemons = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sample(self) -> None:
+        me = os.getpid()
+        job = daemons = 0
+        for proc in self.psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+            try:
+                rss = proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+                title = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
+            except (self.psutil.Error, TypeError):
+                continue
+            if proc.info["pid"] == me or title.startswith("ray::IndexShardActor"):
+                job += rss
+            elif any(k in title for k in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "ray::IDLE",
+                                          "default_worker.py", "runtime_env")):
+                daemons += rss
+        self.peak_job = max(self.peak_job, job)
+        self.peak_daemons = max(self.peak_daemons, daemons)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def worker_ours(dataset: str, output: str, threshold: float, workers: int) -> dict:
+    import ray
+
+    from pipeline.runtime import cluster
+    from pipeline.spec import DedupSpec
+    from pipeline.tasks.dedup import run_dedup
+
+    started = time.perf_counter()
+    cluster.connect()
+    ray_init_s = time.perf_counter() - started
+    with RayMemoryPoller() as poller:
+        started = time.perf_counter()
+        report = run_dedup(DedupSpec(input=[dataset], output=output, threshold=threshold, workers=workers,
+                                     progress=False), log=lambda m: None)
+        seconds = time.perf_counter() - started
+    ray.shutdown()
+    return {"seconds": round(seconds, 2), "ray_init_s": round(ray_init_s, 2),
+            "pairs_s": report["timings"]["pairs_seconds"], "grouping_s": report["timings"]["grouping_seconds"],
+            "peak_rss_mb": round(poller.peak_job / 2**20), "ray_daemons_peak_rss_mb": round(poller.peak_daemons / 2**20),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "removed": report["removed"], "groups": report["groups"], "pairs": report["pairs_at_threshold"],
+            "workers": report["workers"]}
+
+
+def worker_st(dataset: str, threshold: float, threads: int) -> dict:
+    import torch
+    from sentence_transformers.util import community_detection
+
+    from pipeline.io.dataset import embeddings_of, read_dataset
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    embeddings = torch.from_numpy(np.ascontiguousarray(embeddings_of(read_dataset(dataset, None, ["embedding"]))))
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    communities = community_detection(embeddings, threshold=threshold, min_community_size=2)
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "removed": sum(len(c) - 1 for c in communities), "groups": len(communities)}
+
+
+def subprocess_json(args: list[str], timeout: float) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_dedup(rows: int, threshold: float, workers: int, threads: int, part_rows: int, timeout: float) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="embedpipe-bench-dedup-"))
+    try:
+        started = time.perf_counter()
+        build_dataset(work / "embeddings", rows, part_rows)
+        build_s = time.perf_counter() - started
+        ours = subprocess_json(["_ours", str(work / "embeddings"), str(work / "out"), str(threshold), str(workers)],
+                               timeout)
+        st = subprocess_json(["_st", str(work / "embeddings"), str(threshold), str(threads)], timeout)
+        return {"rows": rows, "dim": DIM, "threshold": threshold, "part_rows": part_rows, "build_s": round(build_s, 2),
+                "ours": ours, "community_detection": st,
+                "time_ratio": round(ours["seconds"] / st["seconds"], 3),
+                "memory_ratio": round(ours["peak_rss_mb"] / st["peak_rss_mb"], 3)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_ours":
+        print(json.dumps(worker_ours(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_st":
+        print(json.dumps(worker_st(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--search-rows", type=int, default=100_000, help="rows for (a); 0 skips it")
+    parser.add_argument("--dedup-rows", type=int, default=200_000, help="rows for (b); 0 skips it")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--workers", type=int, default=2, help="index actors for our dedup in (b)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for (a) and community_detection")
+    parser.add_argument("--block-size", type=int, default=4096)
+    parser.add_argument("--part-rows", type=int, default=10_000, help="rows per part of the (b) dataset")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    print(json.dumps(results["machine"]), flush=True)
+    if args.search_rows:
+        results["search"] = bench_search(args.search_rows, args.threshold, args.threads, args.block_size)
+        print(json.dumps({"search": results["search"]}), flush=True)
+    if args.dedup_rows:
+        results["dedup"] = bench_dedup(args.dedup_rows, args.threshold, args.workers, args.threads, args.part_rows,
+                                       args.timeout)
+        print(json.dumps({"dedup": results["dedup"]}), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The convert job: a mining output from one sentence-transformers layout to another, as a committed folder.
+
+``--to labeled-pair``: a triplet or n-tuple table (``anchor, positive, negative`` or ``negative_1 ..
+negative_N``, optionally ``scores``) becomes ST's labeled-pair layout: per anchor its distinct positives
+with label 1, then its distinct negatives with label 0 (int64, as ST); with a ``scores`` column the
+result carries ``score`` instead, as ST's ``output_scores=True``. ``--to triplet`` goes back: per anchor,
+every positive (label 1) x every negative (label 0), positive-major, in row order, which is ST's triplet
+order, so triplet -> labeled-pair -> triplet gives the original back. The row logic is
+``pipeline.io.training_formats.to_labeled_pair`` / ``to_triplet``; this module adds files and commits.
+
+Input: one Parquet file, or a folder of parts (``part-*.parquet``, else every ``*.parquet``; a folder
+with ``_plan.json`` is an embedpipe output and must be complete, i.e. hold ``_SUCCESS``). The anchor
+column defaults to the first column, the positive column to the second, as the mining formats lay them out.
+Every part's schema is checked before anything is written, so bad input commits nothing.
+
+Output: ``part-00000.parquet ...`` and ``_SUCCESS`` last, each committed atomically (temporary name,
+then rename). When every anchor's rows sit in a single input part (as in a mine output, one part per
+block of anchors), parts are converted one at a time and memory holds one part; otherwise the whole input
+is converted at once, since the conversions group rows by anchor over the whole table.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.io.dataset import PLAN_FILE, SUCCESS_FILE, join
+from pipeline.io.storage import (
+    TEMP_PREFIX,
+    commit_bytes,
+    filesystem,
+    parse_storage_options,
+    redact,
+    with_retries,
+)
+from pipeline.io.training_formats import to_labeled_pair, to_triplet
+from pipeline.spec import ConvertSpec
+
+
+class ConvertError(ValueError):
+    """The conversion cannot run as asked; the message names the file or column and says why."""
+
+
+def _base(name: str) -> str:
+    return posixpath.basename(name.rstrip("/"))
+
+
+def input_files(url: str, storage_options: dict) -> tuple[object, list[str]]:
+    """(filesystem, the Parquet files to read in order) for a file or a folder of parts."""
+    fs, path = filesystem(url, storage_options)
+    if not with_retries(lambda: fs.exists(path), what=url):
+        raise ConvertError(f"{url}: not found")
+    if not with_retries(lambda: fs.isdir(path), what=url):
+        return fs, [path]
+    names = [n for n in with_retries(lambda: fs.ls(path, detail=False), what=url) if _base(n) != _base(path)]
+    bases = {_base(n) for n in names}
+    if PLAN_FILE in bases and SUCCESS_FILE not in bases:
+        raise ConvertError(f"{url}: an incomplete embedpipe output (no {SUCCESS_FILE}); finish or re-run the job first")
+    files = [n for n in names if _base(n).startswith("part-") and _base(n).endswith(".parquet")]
+    if not files:
+        files = [n for n in names if _base(n).endswith(".parquet") and not _base(n).startswith(("_", "."))]
+    if not files:
+        raise ConvertError(f"{url}: no Parquet files (part-*.parquet) in the folder")
+    return fs, sorted(files, key=lambda n: (len(_base(n)), _base(n)))
+
+
+def _schema(fs, path: str, url: str) -> pa.Schema:
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.read_schema(handle)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ConvertError(redact(f"{url}: {_base(path)} is not a readable Parquet file ({exc})")) from None
+
+
+def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    data = with_retries(lambda: fs.cat_file(path), what=path)
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def check_columns(schema: pa.Schema, spec: ConvertSpec, where: str) -> tuple[str, str]:
+    """The anchor and positive columns, and the columns the target layout needs; errors name them."""
+    names = schema.names
+    anchor = spec.anchor_column or (names[0] if names else None)
+    positive = spec.positive_column or (names[1] if len(names) > 1 else None)
+    for role, name in (("anchor", anchor), ("positive", positive)):
+        if name is None:
+            raise ConvertError(f"{where}: no {role} column (columns: {', '.join(names) or 'none'})")
+        if name not in names:
+            raise ConvertError(f"{where}: missing {role} column {name!r}; has {', '.join(names)}")
+    if anchor == positive:
+        raise ConvertError(f"{where}: the anchor and positive columns must differ, both are {anchor!r}")
+    if spec.to == "labeled-pair":
+        negatives = [n for n in names if n == "negative" or (n.startswith("negative_") and n[9:].isdigit())]
+        if not negatives:
+            raise ConvertError(f"{where}: not a triplet or n-tuple table: no 'negative' or 'negative_<i>' column "
+                               f"(columns: {', '.join(names)})")
+    elif "label" not in names:
+        hint = " (a labeled-pair table with scores cannot tell positives from negatives)" if "score" in names else ""
+        raise ConvertError(f"{where}: to make triplets the input needs a 0/1 'label' column{hint}; "
+                           f"has {', '.join(names)}")
+    return anchor, positive
+
+
+def prepare_output(url: str, storage_options: dict, inputs: list[str], fs_in) -> tuple[object, str, list[str]]:
+    """The output filesystem and path, and leftover parts of an interrupted run (removed at the end)."""
+    fs, path = filesystem(url, storage_options)
+    if fs is fs_in and path.rstrip("/") in {p.rstrip("/") for p in inputs} | {posixpath.dirname(inputs[0])}:
+        raise ConvertError(f"{url}: the output must not be the input")
+    if not with_retries(lambda: fs.exists(path), what=url):
+        return fs, path, []
+    if not with_retries(lambda: fs.isdir(path), what=url):
+        raise ConvertError(f"{url}: exists and is not a folder")
+    names = [_base(n) for n in with_retries(lambda: fs.ls(path, detail=False), what=url) if _base(n) != _base(path)]
+    if SUCCESS_FILE in names:
+        raise ConvertError(f"{url}: already holds a complete output; remove it or choose another output")
+    others = [n for n in names if not (n.startswith("part-") and n.endswith(".parquet")) and not n.startswith(TEMP_PREFIX)]
+    if others:
+        raise ConvertError(f"{url}: the output folder is not empty (has {', '.join(sorted(others)[:5])})")
+    return fs, path, [n for n in names if n.startswith("part-")]
+
+
+def run_convert(spec: ConvertSpec, log=None) -> dict:
+    """Convert ``spec.input`` to ``spec.to`` under ``spec.output``; returns a summary."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    storage_options = parse_storage_options(spec.storage_option)
+    fs_in, files = input_files(spec.input, storage_options)
+
+    # Check every part before writing anything.
+    schemas = [_schema(fs_in, f, spec.input) for f in files]
+    first = schemas[0].remove_metadata()
+    for f, schema in zip(files, schemas, strict=True):
+        if schema.remove_metadata() != first:
+            raise ConvertError(f"{spec.input}: {_base(f)} has another schema than {_base(files[0])} "
+                               f"({schema.remove_metadata()} vs {first})")
+    anchor, positive = check_columns(first, spec, spec.input)
+    owner: dict = {}
+    local = True
+    for number, f in enumerate(files):
+        columns = [anchor] + (["label"] if spec.to == "triplet" else [])
+        table = _read(fs_in, f, columns)
+        if spec.to == "triplet":
+            bad = [v for v in pc.unique(table.column("label")).to_pylist() if v not in (0, 1)]
+            if bad:
+                raise ConvertError(f"{spec.input}: {_base(f)}: labels must be 0 or 1, found {sorted(bad, key=repr)[:5]}")
+        for value in pc.unique(table.column(anchor)).to_pylist():
+            if owner.setdefault(value, number) != number:
+                local = False
+    fs_out, out_path, leftovers = prepare_output(spec.output, storage_options, files, fs_in)
+
+    convert = to_labeled_pair if spec.to == "labeled-pair" else to_triplet
+    groups = [[f] for f in files] if local else [files]
+    rows_in = rows_out = 0
+    written = []
+    for number, group in enumerate(groups):
+        table = pa.concat_tables([_read(fs_in, f) for f in group])
+        try:
+            converted = convert(table, anchor, positive)
+        except ValueError as exc:
+            raise ConvertError(f"{spec.input}: {exc}") from None
+        sink = pa.BufferOutputStream()
+        pq.write_table(converted, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        name = f"part-{number:05d}.parquet"
+        target = join(out_path, name)
+        with_retries(lambda target=target, data=data: commit_bytes(fs_out, target, data), what=join(spec.output, name))
+        written.append(name)
+        rows_in += table.num_rows
+        rows_out += converted.num_rows
+    for name in sorted(set(leftovers) - set(written)):
+        with_retries(lambda name=name: fs_out.rm_file(join(out_path, name)), what=join(spec.output, name))
+    with_retries(lambda: commit_bytes(fs_out, join(out_path, SUCCESS_FILE), b""), what=join(spec.output, SUCCESS_FILE))
+    summary = {
+        "input": redact(spec.input), "output": redact(spec.output.rstrip("/")), "to": spec.to,
+        "anchor_column": anchor, "positive_column": positive, "columns": converted.schema.names,
+        "input_parts": len(files), "parts": len(written), "streamed": local, "rows_in": rows_in,
+        "rows_out": rows_out, "anchors": len(owner), "seconds": round(time.perf_counter() - started, 3),
+    }
+    log(f"converted {rows_in} rows in {len(files)} file(s) into {rows_out} {spec.to} rows in {len(written)} part(s)")
+    return summary

