@@ -28,7 +28,14 @@ from pipeline.io.dataset import MANIFEST_FILE, SUCCESS_FILE, embeddings_of, quan
 from pipeline.io.storage import create_exclusive
 from pipeline.model import load_encoder
 from pipeline.spec import ReembedSpec, SpecError, build_spec
-from pipeline.tasks.reembed import LATEST_FILE, LOCK_FILE, STAGING_DIR, LockHeld, run_reembed
+from pipeline.tasks.reembed import (
+    LATEST_FILE,
+    LOCK_FILE,
+    STAGING_DIR,
+    LockHeld,
+    latest_version_url,
+    run_reembed,
+)
 from tests.support.s3server import ACCESS_KEY, SECRET_KEY
 from tests.support.tiny_models import build_tiny_model
 
@@ -227,7 +234,8 @@ def test_keep_prunes_old_versions_but_never_the_latest(store_copy, tiny_model_di
     summary = reembed(tiny_model_dir, corpus, store, keep=1)
     assert (summary["written"], summary["version"], summary["pruned"]) == (False, "v00002", ["v00003"])
     assert versions(store) == ["v00002"]
-    assert read_dataset(str(store / "v00002")).num_rows == N_ROWS - 1
+    assert latest_version_url(str(store)) == f"{store}/v00002"
+    assert read_dataset(latest_version_url(str(store))).num_rows == N_ROWS - 1
 
     with pytest.raises(SpecError, match=r"^keep: must be at least 1"):
         spec_of(tiny_model_dir, corpus, store, keep=0)

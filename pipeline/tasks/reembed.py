@@ -189,6 +189,15 @@ class Store:
                      what=self.url_of(LATEST_FILE))
 
 
+def latest_version_url(store_url: str, storage_options: dict | None = None) -> str:
+    """The URL of the version a store's _LATEST names: what dedup, mine or a reader should take as input."""
+    store = Store(store_url, dict(storage_options or {}))
+    name = store.latest()
+    if name is None:
+        raise ReembedError(f"{store.url}: no {LATEST_FILE}; no reembed run has finished here")
+    return store.url_of(name)
+
+
 # -- the lock -------------------------------------------------------------------------------------
 
 
