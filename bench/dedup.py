@@ -12,7 +12,9 @@
 Memory: for community_detection, the subprocess's peak RSS (getrusage). For ours, a psutil poller
 (every 0.1 s) sums the RSS of the driver and of every IndexShardActor process; the peak of that sum is
 reported, and separately the peak of the Ray daemons (raylet, GCS, ...) it runs beside. RSS counts
-shared pages (torch, the object store) in each process, so the sum errs high.
+shared pages (torch, the object store) in each process, so the sum errs high. CPU seconds are given
+beside wall time (ours: driver + index actors, incl. their start-up), since on a shared machine the wall
+time mostly says how much CPU the run was granted.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def machine() -> dict:
 # -- (a) exact range search ----------------------------------------------------------------------
 
 
-def bench_search(rows: int, threshold: float, threads: int, block_size: int) -> dict:
+def bench_search(rows: int, threshold: float, threads: int, block_size: int, repeat: int) -> dict:
     import faiss
     import torch
 
@@ -89,18 +91,22 @@ def bench_search(rows: int, threshold: float, threads: int, block_size: int) -> 
     faiss.omp_set_num_threads(threads)
     x, replaced = planted(rows)
 
-    started = time.perf_counter()
-    i, j, s = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
-                          block_size=block_size, upper_only=True)
-    ours_s = time.perf_counter() - started
-    ours = set(zip(i.tolist(), j.tolist(), strict=True))
-
     index = faiss.IndexFlatIP(DIM)
     index.add(x)
-    started = time.perf_counter()
-    lims, scores, labels = index.range_search(x, threshold)
-    faiss_s = time.perf_counter() - started
-    queries = np.repeat(np.arange(rows), np.diff(lims))
+    ours_times, faiss_times, ours_cpu, faiss_cpu = [], [], [], []
+    for _ in range(repeat):  # alternating, so a change in machine load hits both alike
+        started, cpu = time.perf_counter(), time.process_time()
+        i, j, s = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
+                              block_size=block_size, upper_only=True)
+        ours_times.append(time.perf_counter() - started)
+        ours_cpu.append(time.process_time() - cpu)
+        started, cpu = time.perf_counter(), time.process_time()
+        lims, scores, labels = index.range_search(x, threshold)
+        faiss_times.append(time.perf_counter() - started)
+        faiss_cpu.append(time.process_time() - cpu)
+    ours_s, faiss_s = min(ours_times), min(faiss_times)
+    ours = set(zip(i.tolist(), j.tolist(), strict=True))
+    queries = np.repeat(np.arange(rows), np.diff(lims).astype(np.int64))
     upper = queries < labels
     theirs = set(zip(queries[upper].tolist(), labels[upper].tolist(), strict=True))
     # faiss keeps scores > radius, ours >= threshold: only a pair scoring exactly the threshold may differ
@@ -108,7 +114,10 @@ def bench_search(rows: int, threshold: float, threads: int, block_size: int) -> 
     return {"rows": rows, "dim": DIM, "threshold": threshold, "threads": threads, "block_size": block_size,
             "planted_rows": replaced, "pairs_ours": len(ours), "pairs_faiss": len(theirs),
             "same_pairs": not differ, "pairs_differing": len(differ),
-            "ours_s": round(ours_s, 2), "faiss_s": round(faiss_s, 2), "ratio": round(ours_s / faiss_s, 3)}
+            "ours_s": round(ours_s, 2), "faiss_s": round(faiss_s, 2), "ratio": round(ours_s / faiss_s, 3),
+            "ours_runs_s": [round(t, 2) for t in ours_times], "faiss_runs_s": [round(t, 2) for t in faiss_times],
+            "ours_cpu_s": round(min(ours_cpu), 2), "faiss_cpu_s": round(min(faiss_cpu), 2),
+            "load_average": [round(v, 1) for v in os.getloadavg()]}
 
 
 # -- (b) whole dedup -----------------------------------------------------------------------------
@@ -139,13 +148,14 @@ class RayMemoryPoller:
 
         self.psutil, self.interval = psutil, interval
         self.peak_job = self.peak_daemons = 0
+        self.actor_cpu: dict[int, float] = {}  # pid -> latest user + system seconds
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def sample(self) -> None:
         me = os.getpid()
         job = daemons = 0
-        for proc in self.psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+        for proc in self.psutil.process_iter(["pid", "name", "cmdline", "memory_info", "cpu_times"]):
             try:
                 rss = proc.info["memory_info"].rss if proc.info["memory_info"] else 0
                 title = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
@@ -153,6 +163,8 @@ class RayMemoryPoller:
                 continue
             if proc.info["pid"] == me or title.startswith("ray::IndexShardActor"):
                 job += rss
+                if proc.info["pid"] != me and proc.info["cpu_times"]:
+                    self.actor_cpu[proc.info["pid"]] = proc.info["cpu_times"].user + proc.info["cpu_times"].system
             elif any(k in title for k in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "ray::IDLE",
                                           "default_worker.py", "runtime_env")):
                 daemons += rss
@@ -184,12 +196,13 @@ def worker_ours(dataset: str, output: str, threshold: float, workers: int) -> di
     cluster.connect()
     ray_init_s = time.perf_counter() - started
     with RayMemoryPoller() as poller:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         report = run_dedup(DedupSpec(input=[dataset], output=output, threshold=threshold, workers=workers,
                                      progress=False), log=lambda m: None)
-        seconds = time.perf_counter() - started
+        seconds, driver_cpu = time.perf_counter() - started, time.process_time() - cpu
     ray.shutdown()
     return {"seconds": round(seconds, 2), "ray_init_s": round(ray_init_s, 2),
+            "cpu_s": round(driver_cpu + sum(poller.actor_cpu.values()), 1), "driver_cpu_s": round(driver_cpu, 1),
             "pairs_s": report["timings"]["pairs_seconds"], "grouping_s": report["timings"]["grouping_seconds"],
             "peak_rss_mb": round(poller.peak_job / 2**20), "ray_daemons_peak_rss_mb": round(poller.peak_daemons / 2**20),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -207,10 +220,10 @@ def worker_st(dataset: str, threshold: float, threads: int) -> dict:
     started = time.perf_counter()
     embeddings = torch.from_numpy(np.ascontiguousarray(embeddings_of(read_dataset(dataset, None, ["embedding"]))))
     load_s = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     communities = community_detection(embeddings, threshold=threshold, min_community_size=2)
-    seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 2), "load_s": round(load_s, 2),
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    return {"seconds": round(seconds, 2), "load_s": round(load_s, 2), "cpu_s": round(cpu_s, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "removed": sum(len(c) - 1 for c in communities), "groups": len(communities)}
 
@@ -233,6 +246,7 @@ def bench_dedup(rows: int, threshold: float, workers: int, threads: int, part_ro
                                timeout)
         st = subprocess_json(["_st", str(work / "embeddings"), str(threshold), str(threads)], timeout)
         return {"rows": rows, "dim": DIM, "threshold": threshold, "part_rows": part_rows, "build_s": round(build_s, 2),
+                "load_average": [round(v, 1) for v in os.getloadavg()],
                 "ours": ours, "community_detection": st,
                 "time_ratio": round(ours["seconds"] / st["seconds"], 3),
                 "memory_ratio": round(ours["peak_rss_mb"] / st["peak_rss_mb"], 3)}
@@ -254,6 +268,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="index actors for our dedup in (b)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for (a) and community_detection")
     parser.add_argument("--block-size", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each search in (a); the fastest counts")
     parser.add_argument("--part-rows", type=int, default=10_000, help="rows per part of the (b) dataset")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", help="also write the results here")
@@ -261,7 +276,8 @@ def main() -> None:
     results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(json.dumps(results["machine"]), flush=True)
     if args.search_rows:
-        results["search"] = bench_search(args.search_rows, args.threshold, args.threads, args.block_size)
+        results["search"] = bench_search(args.search_rows, args.threshold, args.threads, args.block_size,
+                                         args.repeat)
         print(json.dumps({"search": results["search"]}), flush=True)
     if args.dedup_rows:
         results["dedup"] = bench_dedup(args.dedup_rows, args.threshold, args.workers, args.threads, args.part_rows,

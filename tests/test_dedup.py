@@ -34,7 +34,7 @@ CHAIN_COS = 0.93  # consecutive chain members; members two apart score cos(2 * a
 # Planted groups (row numbers = corpus positions). Every other row is random and unique.
 PLANTED = [
     {5, 200},  # exact copy, across parts
-    {10, 11, 150, 359},  # four exact copies, first and last rows of parts included
+    {10, 11, 150, 359},  # four exact copies, the corpus' last row included
     {30, 31, 250},  # a row and two perturbed copies
     {100, 120, 121},  # an exact copy and a perturbed copy
     {60, 170, 300},  # chain 60 ~ 170 ~ 300, 60 !~ 300

@@ -435,6 +435,8 @@ def test_repeated_anchor_has_all_its_positives_excluded(runs: Runs) -> None:
 # --------------------------------------------------------------------------- random sampling
 
 RANDOM = {"sampling_strategy": "random", "range_min": 1, "range_max": 12, "num_negatives": 3}
+# Seed 7 over two encoders, two index actors and four parts (also the resume test's output).
+RANDOM_7 = {**RANDOM, "seed": 7, "workers": 2, "texts_per_task": 40, "anchors_per_block": 10}
 
 
 def _window_bounds(runs: Runs, pairs: str) -> dict[str, tuple[float, float, dict[str, float], set]]:
@@ -471,7 +473,7 @@ def _negatives(table: pa.Table) -> dict[str, list[str]]:
 
 
 def test_random_sampling_is_seeded_and_stays_in_the_window(runs: Runs) -> None:
-    first = runs.run("random-7", "tiny", "man", seed=7, workers=2, texts_per_task=40, anchors_per_block=20, **RANDOM)
+    first = runs.run("random-7", "tiny", "man", **RANDOM_7)
     again = runs.run("random-7-other-layout", "tiny", "man", seed=7, workers=1, anchors_per_block=50, **RANDOM)
     other = runs.run("random-8", "tiny", "man", seed=8, **RANDOM)
     assert first.table().equals(again.table())  # same seed: same draw, whatever the blocks and workers
@@ -498,15 +500,14 @@ def test_random_sampling_is_seeded_and_stays_in_the_window(runs: Runs) -> None:
 
 
 def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, monkeypatch) -> None:
-    original = runs.run("random-7", "tiny", "man", seed=7, workers=2, texts_per_task=40, anchors_per_block=20,
-                        **RANDOM)
+    original = runs.run("random-7", "tiny", "man", **RANDOM_7)
     copy = tmp_path / "resumed"
     shutil.copytree(original.output, copy)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.glob("part-*.parquet")}
     assert len(before) >= 3
     (copy / "part-00001.parquet").unlink()
     (copy / "_parts" / "part-00001.json").unlink()
-    spec = runs.spec("tiny", "man", copy, seed=7, workers=2, texts_per_task=40, anchors_per_block=20, **RANDOM)
+    spec = runs.spec("tiny", "man", copy, **RANDOM_7)
     report = run_mine(spec, log=quiet)
     assert report["parts_written"] == 1 and report["parts_resumed"] == len(before) - 1
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.glob("part-*.parquet")}

@@ -75,7 +75,7 @@ def input_base(url: str, fs, path: str) -> str:
     cut = min((path.find(c) for c in GLOB_CHARS if c in path), default=-1)
     if cut >= 0:
         return path[:cut].rsplit("/", 1)[0]
-    return path.rstrip("/") if fs.isdir(path) else posixpath.dirname(path)
+    return path.rstrip("/") if with_retries(lambda: fs.isdir(path), what=url) else posixpath.dirname(path)
 
 
 def list_sources(inputs: Sequence[str], storage_options: dict | None) -> list[SourceFile]:
@@ -124,24 +124,31 @@ def group_units(unit_rows: Sequence[int], rows_per_shard: int) -> list[tuple[int
     return ranges
 
 
-def open_input(fs, path: str, url: str):
-    return with_retries(lambda: fs.open(path, "rb"), what=url)
+def read_whole(fs, path: str, url: str, kind: str, read):
+    """``read(handle)`` with transient storage errors retried; decoding errors are a CorpusError at once."""
+    def attempt():
+        try:
+            with fs.open(path, "rb") as handle:
+                return read(handle)
+        except Exception as exc:
+            if is_corruption(exc):
+                raise CorpusError(f"{url}: unreadable or corrupt {kind} file ({exc})") from None
+            raise
+
+    return with_retries(attempt, what=url)
 
 
 def parquet_unit_rows(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
-    try:
-        with open_input(fs, path, url) as handle:
-            meta = pq.ParquetFile(handle).metadata
-            schema = meta.schema.to_arrow_schema()
-            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], schema
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CorpusError(f"{url}: unreadable or corrupt Parquet file ({exc})") from None
+    def read(handle):
+        meta = pq.ParquetFile(handle).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], meta.schema.to_arrow_schema()
+
+    return read_whole(fs, path, url, "Parquet", read)
 
 
 def arrow_unit_rows(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
-    try:
-        with open_input(fs, path, url) as handle:
-            data = handle.read()
+    def read(handle):
+        data = handle.read()
         try:
             reader = ipc.open_file(pa.BufferReader(data))
             return [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)], reader.schema
@@ -149,21 +156,22 @@ def arrow_unit_rows(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
             stream = ipc.open_stream(pa.BufferReader(data))
             batches = list(stream)
             return [b.num_rows for b in batches], stream.schema
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CorpusError(f"{url}: unreadable or corrupt Arrow IPC file ({exc})") from None
+
+    return read_whole(fs, path, url, "Arrow IPC", read)
 
 
 def jsonl_line_offsets(fs, path: str, url: str) -> list[int]:
     """Byte offset of every non-blank line start, plus the file length at the end."""
-    offsets: list[int] = []
-    position = 0
-    with open_input(fs, path, url) as handle:
+    def read(handle) -> list[int]:
+        offsets: list[int] = []
+        position = 0
         for line in handle:
             if line.strip():
                 offsets.append(position)
             position += len(line)
-    offsets.append(position)
-    return offsets
+        return [*offsets, position]
+
+    return read_whole(fs, path, url, "JSON Lines", read)
 
 
 def plan_shards(sources: Sequence[SourceFile], rows_per_shard: int, storage_options: dict | None) -> list[Shard]:
@@ -193,8 +201,8 @@ def source_schema(source: SourceFile, storage_options: dict | None) -> pa.Schema
         return parquet_unit_rows(fs, path, source.url)[1]
     if source.format == "arrow":
         return arrow_unit_rows(fs, path, source.url)[1]
-    with open_input(fs, path, source.url) as handle:
-        head = b"".join(line for _, line in zip(range(100), handle, strict=False))
+    head = read_whole(fs, path, source.url, "JSON Lines",
+                      lambda handle: b"".join(line for _, line in zip(range(100), handle, strict=False)))
     return parse_jsonl(head, source.url, 0).schema
 
 

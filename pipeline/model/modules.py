@@ -23,11 +23,21 @@ from pipeline.model.config import (
 Features = dict[str, Tensor]
 
 
-def read_config_json(folder: Path) -> dict:
+def read_config_json(folder: Path, name: str = "config.json") -> dict:
     import json
 
-    path = folder / "config.json"
+    path = folder / name
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def check_no_remote_code(folder: Path, hf_config: dict) -> None:
+    """A model or tokenizer config naming code to import (auto_map) is refused: it is never run."""
+    for name, config in (("config.json", hf_config), ("tokenizer_config.json",
+                                                      read_config_json(folder, "tokenizer_config.json"))):
+        if config.get("auto_map"):
+            raise ModelConfigError(
+                f"{folder / name}: auto_map asks for remote code; embedpipe never runs code shipped with a model"
+            )
 
 
 def check_weights(folder: Path, allow_pickle: bool) -> None:
@@ -55,11 +65,7 @@ class Transformer(nn.Module):
         hf_config = read_config_json(folder)
         if not hf_config:
             raise ModelConfigError(f"{folder / 'config.json'}: file not found")
-        if hf_config.get("auto_map"):
-            raise ModelConfigError(
-                f"{folder / 'config.json'}: auto_map asks for remote code; embedpipe never runs code "
-                "shipped with a model"
-            )
+        check_no_remote_code(folder, hf_config)
         check_weights(folder, allow_pickle)
         use_safetensors = any(folder.glob("*.safetensors"))
         try:
@@ -229,11 +235,7 @@ def check_model(root: Path, allow_pickle: bool = False) -> None:
             hf_config = read_config_json(module.path)
             if not hf_config:
                 raise ModelConfigError(f"{module.path / 'config.json'}: file not found")
-            if hf_config.get("auto_map"):
-                raise ModelConfigError(
-                    f"{module.path / 'config.json'}: auto_map asks for remote code; embedpipe never runs code "
-                    "shipped with a model"
-                )
+            check_no_remote_code(module.path, hf_config)
             check_weights(module.path, allow_pickle)
         elif isinstance(module, DenseConfig):
             check_weights(module.path, allow_pickle)

@@ -6,7 +6,9 @@ tokenizing, on a background thread) and ``process`` (forward pass and commit) it
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -60,20 +62,36 @@ def start_actors(plan: ActorPlan, model: str, model_options: dict, count: int | 
 
 
 class IndexShardActor:
-    """Holds one contiguous slice of a corpus' vectors (global rows offset..offset+n) for exact search.
+    """Holds one slice of a corpus' vectors for exact search: global rows offset..offset+n, or several
+    ascending runs of rows (``offset`` = [(global start, rows), ...], e.g. every W-th part, so that the
+    triangular work of a self-join spreads evenly over W actors).
 
-    ``loader`` is a picklable callable returning the slice as a float32 array, so the actor reads its
-    own data from storage instead of receiving it through the driver.
+    ``loader`` is a picklable callable returning the slice (its runs concatenated) as a float32 array,
+    so the actor reads its own data from storage instead of receiving it through the driver.
     """
 
-    def __init__(self, loader: Any, offset: int, threads: int = 1) -> None:
+    def __init__(self, loader: Any, offset: int | Sequence[tuple[int, int]], threads: int = 1) -> None:
+        import numpy as np
         import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.offset = offset
         self.vectors = torch.as_tensor(loader()).to(self.device)
+        if isinstance(offset, numbers.Integral):
+            runs = [(int(offset), len(self.vectors))]
+        else:
+            runs = [(int(start), int(rows)) for start, rows in offset]
+        if sum(n for _, n in runs) != len(self.vectors):
+            raise ValueError(f"the slice has {len(self.vectors)} rows, its runs {runs} say otherwise")
+        self.offset = runs[0][0] if runs else 0
+        self.runs = []  # (global start, local start, rows)
+        local = 0
+        for start, rows in runs:
+            self.runs.append((start, local, rows))
+            local += rows
+        self.global_rows = np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, _, n in self.runs]
+                                          or [np.zeros(0, np.int64)])
 
     def size(self) -> int:
         return len(self.vectors)
@@ -81,22 +99,33 @@ class IndexShardActor:
     def pairs(self, queries: Any, query_offset: int, fn: str, threshold: float, block_size: int,
               upper_only: bool = True) -> tuple:
         """Pairs (i, j, score) with score >= threshold between the queries and this slice."""
+        import numpy as np
         import torch
 
         from pipeline.compute.knn import range_pairs
 
-        return range_pairs(torch.tensor(queries).to(self.device), self.vectors, fn, threshold,
-                           query_offset=query_offset, corpus_offset=self.offset, block_size=block_size,
-                           upper_only=upper_only)
+        q = torch.tensor(queries).to(self.device)
+        found = [range_pairs(q, self.vectors[local : local + rows], fn, threshold, query_offset=query_offset,
+                             corpus_offset=start, block_size=block_size, upper_only=upper_only)
+                 for start, local, rows in self.runs if not (upper_only and start + rows <= query_offset + 1)]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        i, j, s = (np.concatenate([f[k] for f in found]) for k in range(3))
+        order = np.lexsort((j, i))
+        return i[order], j[order], s[order]
 
     def topk(self, queries: Any, fn: str, k: int, block_size: int) -> tuple:
         """Each query's k best rows of this slice: (scores, global indices) on the CPU."""
         import torch
 
-        from pipeline.compute.knn import topk
+        from pipeline.compute.knn import merge_topk, topk
 
-        scores, indices = topk(torch.tensor(queries).to(self.device), self.vectors, fn, k,
-                               corpus_offset=self.offset, block_size=block_size)
+        q = torch.tensor(queries).to(self.device)
+        parts = [topk(q, self.vectors[local : local + rows], fn, k, corpus_offset=start, block_size=block_size)
+                 for start, local, rows in self.runs]
+        scores, indices = parts[0] if len(parts) == 1 else merge_topk(parts, k)
         return scores.cpu(), indices.cpu()
 
     def rows(self, global_indices: Any) -> tuple:
@@ -104,8 +133,9 @@ class IndexShardActor:
         import numpy as np
 
         wanted = np.asarray(global_indices, dtype=np.int64)
-        local = wanted[(wanted >= self.offset) & (wanted < self.offset + len(self.vectors))] - self.offset
-        return local + self.offset, self.vectors[local].cpu().numpy()
+        position = np.minimum(np.searchsorted(self.global_rows, wanted), max(len(self.global_rows) - 1, 0))
+        hit = (self.global_rows[position] == wanted) if len(self.global_rows) else np.zeros(len(wanted), bool)
+        return wanted[hit], self.vectors[position[hit]].cpu().numpy()
 
     def kmeans_sums(self, centroids: Any, fn: str, normalize: bool) -> tuple:
         import torch
@@ -131,9 +161,7 @@ class IndexShardActor:
         x = self.normalized() if normalize else self.vectors
         labels, _ = assign(x, torch.as_tensor(centroids).to(self.device), fn)
         labels = labels.cpu().numpy()
-        import numpy as np
-
-        index = np.arange(self.offset, self.offset + len(labels), dtype=np.int64)
+        index = self.global_rows
         vectors = self.vectors.cpu().numpy()
         bundles = []
         for owner in range(owners):
@@ -165,7 +193,7 @@ class IndexShardActor:
         return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
 
 
-def start_index_actors(loaders: list[tuple[Any, int]], num_gpus: float, num_cpus: float) -> list:
-    """One IndexShardActor per (loader, offset) slice."""
+def start_index_actors(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float) -> list:
+    """One IndexShardActor per (loader, offset or runs) slice."""
     remote = ray.remote(IndexShardActor).options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
     return [remote.remote(loader, offset, max(1, int(num_cpus))) for loader, offset in loaders]

