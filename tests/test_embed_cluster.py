@@ -20,7 +20,7 @@ from pipeline.tasks.embed import run_embed
 pytestmark = pytest.mark.slow
 
 OBJECT_STORE_BYTES = 96 * 1024 * 1024
-ROWS, ROWS_PER_SHARD = 480, 4
+ROWS, ROWS_PER_SHARD = 240, 4
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,8 @@ def multi_node():
 
     if ray.is_initialized():
         ray.shutdown()  # the local cluster of the in-process tests; `ray_local` restarts it if needed
-    # Ray's token authentication is left as the process has it: nodes and the driver started here
-    # share the token file, and switching RAY_AUTH_MODE after a first ray.init in this process makes
-    # every actor creation fail (SchedulingCancelled).
+    # RAY_AUTH_MODE is set once for the session (conftest): changing it after a first ray.init in
+    # this process makes every actor creation on the new cluster fail (SchedulingCancelled).
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
         cluster = Cluster(initialize_head=True, head_node_args={

@@ -1,0 +1,340 @@
+"""Chaos on a real multi-node local Ray cluster (head + 2 worker nodes, one CPU each).
+
+Worker faults: while an embed job runs, a random live EncoderActor is SIGKILLed every few seconds (each
+kill once a shard was committed since the last, 0.2-1 s later); the job
+replaces the actors, requeues their shards, and its output equals a clean run's (every id exactly once,
+the same bytes in every part).
+
+Driver faults: `embedpipe embed` runs as a subprocess joining the cluster and is SIGKILLed at points
+found by watching the output (S3, through a FaultProxy that only delays, to hold the driver in the
+windows that are otherwise milliseconds wide): right after start (before planning); mid-shard, with a
+part committed and its receipt not; with every receipt committed and no `_manifest.json`; with the
+manifest and no `_SUCCESS`. After each kill `_SUCCESS` is absent and every visible part is whole; the next
+run finishes, and its output is byte-identical to the clean run's and checks out against its manifest.
+The checker itself (tests/support/outputcheck.py) is shown to catch a tampered part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.dataset import embeddings_of, read_dataset
+from pipeline.spec import EmbedSpec, build_spec
+from pipeline.tasks.embed import run_embed
+from tests.support.faultproxy import FaultProxy
+from tests.support.outputcheck import check_output, visible_parts
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECT_STORE_BYTES = 96 * 1024 * 1024
+ROWS, ROWS_PER_SHARD = 120, 2
+SHARDS = ROWS // ROWS_PER_SHARD
+
+
+@pytest.fixture(scope="module")
+def multi_node():
+    """Head and two worker nodes with one CPU each: two encoder actors, and room for a replacement."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local cluster; `ray_local` restarts it for later modules
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")  # nodes, this driver and the CLI drivers join by address
+        mp.delenv("RAY_ADDRESS", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def texts(n: int) -> list[str]:
+    words = str.split("a worker or a driver dies at a random point and the next run finishes the job exactly once")
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(2 + i % 19)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chaos") / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(range(ROWS)), "text": texts(ROWS)}), path, row_group_size=ROWS_PER_SHARD)
+    return path
+
+
+def spec_of(model: Path, corpus: Path, output: str, address: str, **extra) -> EmbedSpec:
+    return build_spec(EmbedSpec, {
+        "model": str(model), "input": [str(corpus)], "output": output, "rows_per_shard": ROWS_PER_SHARD,
+        "workers": 2, "ray_address": address, "progress": False, **extra})
+
+
+@pytest.fixture(scope="module")
+def clean(multi_node, tiny_model_dir: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same job on the same cluster, undisturbed."""
+    output = tmp_path_factory.mktemp("clean") / "out"
+    summary = run_embed(spec_of(tiny_model_dir, corpus, str(output), multi_node.address), log=lambda _m: None)
+    assert summary["rows"] == ROWS and summary["actors_replaced"] == 0
+    return output
+
+
+def part_digests(fs, root: str) -> dict[str, str]:
+    return {name: hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() for name in visible_parts(fs, root)}
+
+
+def local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def assert_same_as_clean(clean: Path, fs, root: str) -> None:
+    assert check_output(root, fs) == []
+    want = part_digests(local_fs(), str(clean))
+    assert len(want) == SHARDS and part_digests(fs, root) == want  # byte for byte, every part
+
+
+# --------------------------------------------------------------------------- worker faults
+
+
+def live_encoder_actors() -> list[dict]:
+    import ray
+
+    return [info for info in ray._private.state.actors().values()
+            if info["ActorClassName"] == "EncoderActor" and info["State"] == "ALIVE" and info.get("Pid")]
+
+
+def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Path, corpus: Path, clean: Path,
+                                                  tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, str(output), multi_node.address),
+                                           log=lambda _m: None)
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    rng = random.Random(7)
+    kills: list[tuple[float, int]] = []
+    started = time.monotonic()
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    try:
+        # A kill every few seconds, but only once a shard was committed since the last one: on a busy
+        # machine loading the model takes longer than the interval, and killing only loading actors
+        # would show nothing but the replacement budget running out.
+        last = 0
+        while thread.is_alive() and len(kills) < 3:
+            done = len(list(output.glob("_parts/part-*.json")))
+            if done <= last:
+                time.sleep(0.05)
+                continue
+            time.sleep(rng.uniform(0.2, 1.0))
+            if done >= SHARDS - 4:
+                break
+            victims = live_encoder_actors()  # the GCS table may lag a moment behind the actors
+            if not victims:
+                continue
+            try:
+                os.kill(rng.choice(victims)["Pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills.append((round(time.monotonic() - started, 1), done))
+            last = len(list(output.glob("_parts/part-*.json")))
+    finally:
+        thread.join(timeout=240)  # never leave the job running into the fixture's shutdown
+    assert not thread.is_alive(), "the job did not finish"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    print("FIGURES", json.dumps({"test": "worker kills", "kills": len(kills), "at (s, shards done)": kills,
+                                 "actors_replaced": summary["actors_replaced"], "retried": summary["shards"]["retried"],
+                                 "rows": summary["rows"], "seconds": round(time.monotonic() - started, 1)}))
+    assert len(kills) >= 3, f"too few kills landed while the job ran: {kills}"
+    assert summary["actors_replaced"] >= len(kills) and summary["shards"]["retried"] >= len(kills)
+    assert summary["rows"] == ROWS and summary["shards"]["done"] == SHARDS
+    assert_same_as_clean(clean, local_fs(), str(output))
+    table = read_dataset(str(output))
+    assert table.column("id").to_pylist() == list(range(ROWS))  # every id exactly once, in order
+
+
+# --------------------------------------------------------------------------- driver faults
+
+
+def s3_fs(s3_server):
+    import fsspec
+
+    return fsspec.filesystem("s3", **s3_server.storage_options)
+
+
+def cli_command(model: Path, corpus_url: str, output_url: str, endpoint: str, address: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "embed", "--model", str(model), "--input", corpus_url,
+            "--output", output_url, "--rows-per-shard", str(ROWS_PER_SHARD), "--workers", "2", "--no-progress",
+            "--ray-address", address, f"--storage-option=key={ACCESS_KEY}", f"--storage-option=secret={SECRET_KEY}",
+            f"--storage-option=client_kwargs.endpoint_url={endpoint}"]
+
+
+def cli_env() -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for name in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        env.pop(name, None)
+    return env
+
+
+class Watch:
+    """What a reader sees in the output (straight from the server, not through the proxy)."""
+
+    def __init__(self, fs, root: str) -> None:
+        self.fs, self.root = fs, root
+
+    def names(self) -> set[str]:
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return set()
+        return {n[len(self.root) + 1:] for n in found if "_tmp." not in n}
+
+    def parts(self, names: set[str]) -> set[str]:
+        return {n[:-len(".parquet")] for n in names if n.startswith("part-")}
+
+    def receipts(self, names: set[str]) -> set[str]:
+        return {n[len("_parts/"):-len(".json")] for n in names if n.startswith("_parts/part-")}
+
+
+def kill_when(proc: subprocess.Popen, log: Path, ready, timeout: float = 120) -> set[str]:
+    """SIGKILL the driver as soon as `ready()` returns the names it saw (never later than the timeout)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            seen = ready()
+            if seen is not None:
+                return seen
+            assert proc.poll() is None, f"the driver exited first ({proc.returncode}): {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"kill point not reached: {log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, corpus: Path, clean: Path, s3_server,
+                                          tmp_path: Path) -> None:
+    fs = s3_fs(s3_server)
+    bucket = f"chaos-{os.getpid()}-{int(time.time())}"
+    s3_server.make_bucket(bucket)
+    fs.pipe_file(f"{bucket}/in/corpus.parquet", corpus.read_bytes())
+    root = f"{bucket}/out"
+    watch = Watch(fs, root)
+
+    def observe_killed(stage: str) -> None:
+        names = watch.names()
+        assert "_SUCCESS" not in names, f"_SUCCESS after a kill {stage}"
+        assert check_output(root, fs) == []  # every visible part is whole
+        for part in watch.parts(names):  # and holds exactly its shard's rows
+            table = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{part}.parquet")))
+            first = int(part[len("part-"):]) * ROWS_PER_SHARD
+            assert table.column("id").to_pylist() == list(range(first, first + ROWS_PER_SHARD))
+
+    def ready_part_without_receipt():
+        names = watch.names()
+        return names if watch.parts(names) - watch.receipts(names) else None
+
+    def ready_all_receipts():
+        names = watch.names()
+        return names if len(watch.receipts(names)) == SHARDS and "_manifest.json" not in names else None
+
+    def ready_manifest():
+        names = watch.names()
+        return names if "_manifest.json" in names and "_SUCCESS" not in names else None
+
+    def hold(word: str, seconds: float):
+        """Delay every request whose path holds `word`, so the driver sits in the window before it."""
+        return {"delay_rate": 1.0, "delay_s": seconds, "fault_filter": lambda m, path, h: word in path}
+
+    # stage -> (proxy settings, when to kill: None = after a fixed moment)
+    stages = [
+        ("right after start", {}, None),
+        ("a part committed, its receipt not", hold("/_parts/", 3.0), ready_part_without_receipt),
+        ("every receipt, no manifest", hold("_manifest.json", 20.0), ready_all_receipts),
+        ("the manifest, no _SUCCESS", hold("_SUCCESS", 20.0), ready_manifest),
+    ]
+    figures = []
+    with FaultProxy(s3_server.endpoint) as proxy:
+        command = cli_command(tiny_model_dir, f"s3://{bucket}/in", f"s3://{root}", proxy.endpoint, multi_node.address)
+        for number, (stage, settings, ready) in enumerate(stages):
+            proxy.delay_rate, proxy.delay_s, proxy.fault_filter = (settings.get("delay_rate", 0.0),
+                                                                   settings.get("delay_s", 0.0),
+                                                                   settings.get("fault_filter"))
+            log = tmp_path / f"run{number}.log"
+            with open(log, "wb") as sink:
+                proc = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                if ready is None:
+                    time.sleep(0.5)
+                    kill_when(proc, log, lambda: set())
+                else:
+                    kill_when(proc, log, ready)
+            observe_killed(stage)
+            names = watch.names()
+            figures.append({"stage": stage, "parts": len(watch.parts(names)), "receipts": len(watch.receipts(names))})
+
+        proxy.delay_rate, proxy.fault_filter = 0.0, None
+        final = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr[-3000:]
+    summary = json.loads(final.stdout[final.stdout.index("{"):])
+    assert summary["rows"] == ROWS and summary["shards"]["total"] == SHARDS
+    assert "_SUCCESS" in watch.names()
+    assert_same_as_clean(clean, fs, root)
+    table = read_dataset(f"s3://{root}", s3_server.storage_options)
+    assert table.column("id").to_pylist() == list(range(ROWS))
+    assert (embeddings_of(table) == embeddings_of(read_dataset(str(clean)))).all()
+    print("FIGURES", json.dumps({"test": "driver kills", "kills": len(stages), "stages": figures,
+                                 "final": summary["shards"], "requests": proxy.stats["requests"],
+                                 "delays": proxy.stats["delay"]}))
+
+
+def test_checker_catches_a_tampered_part(clean: Path, tmp_path: Path) -> None:
+    """The checker is not vacuous: one changed byte, a swapped part, a missing or extra part each fail it."""
+    import shutil
+
+    assert check_output(str(clean)) == []
+    for tamper in ("flip a byte", "swap two parts", "remove a part", "add a part"):
+        copy = tmp_path / tamper.replace(" ", "-")
+        shutil.copytree(clean, copy)
+        first, second = copy / "part-00000.parquet", copy / "part-00001.parquet"
+        if tamper == "flip a byte":
+            data = bytearray(first.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            first.write_bytes(bytes(data))
+        elif tamper == "swap two parts":
+            a, b = first.read_bytes(), second.read_bytes()
+            first.write_bytes(b)
+            second.write_bytes(a)
+        elif tamper == "remove a part":
+            first.unlink()
+        else:
+            shutil.copy(first, copy / f"part-{SHARDS:05d}.parquet")
+        problems = check_output(str(copy))
+        assert problems, tamper
