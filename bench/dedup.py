@@ -10,8 +10,9 @@
     .venv/bin/python bench/dedup.py --search-rows 100000 --dedup-rows 200000 --threshold 0.9 --workers 2
 
 Memory: for community_detection, the subprocess's peak RSS (getrusage). For ours, a psutil poller
-(every 0.1 s) sums the RSS of the driver and of every IndexShardActor process; the peak of that sum is
-reported, and separately the peak of the Ray daemons (raylet, GCS, ...) it runs beside. RSS counts
+(every 0.2 s) sums the RSS of the driver and of every IndexShardActor process; the peak of that sum is
+reported, and separately the peak of the rest of the local Ray cluster the driver started (raylet,
+GCS, idle workers, agents: the driver's other descendants). RSS counts
 shared pages (torch, the object store) in each process, so the sum errs high. CPU seconds are given
 beside wall time (ours: driver + index actors, incl. their start-up), since on a shared machine the wall
 time mostly says how much CPU the run was granted.
@@ -157,40 +158,61 @@ def build_dataset(root: Path, rows: int, part_rows: int) -> None:
 
 
 class RayMemoryPoller:
-    """Peak of (driver + IndexShardActor processes) RSS, and peak of the Ray daemons' RSS."""
+    """Peak of (driver + IndexShardActor processes) RSS, and peak of the rest of this driver's local Ray
+    cluster (GCS, raylet, idle workers, agents: every other process descending from the driver).
 
-    def __init__(self, interval: float = 0.1) -> None:
+    A scan of the driver's process tree (to find the processes by title) runs every ``scan_every``
+    seconds; in between, only the known processes are sampled, every ``interval`` seconds. The poller's
+    own CPU time is kept (``own_cpu``) so that it can be taken out of the driver's.
+    """
+
+    def __init__(self, interval: float = 0.2, scan_every: float = 2.0) -> None:
         import psutil
 
-        self.psutil, self.interval = psutil, interval
+        self.psutil, self.interval, self.scan_every = psutil, interval, scan_every
         self.peak_job = self.peak_daemons = 0
         self.actor_cpu: dict[int, float] = {}  # pid -> latest user + system seconds
+        self.job: dict[int, object] = {os.getpid(): psutil.Process()}
+        self.daemons: dict[int, object] = {}
+        self.own_cpu = 0.0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def sample(self) -> None:
-        me = os.getpid()
-        job = daemons = 0
-        for proc in self.psutil.process_iter(["pid", "name", "cmdline", "memory_info", "cpu_times"]):
+    def scan(self) -> None:
+        for proc in self.psutil.Process().children(recursive=True):
             try:
-                rss = proc.info["memory_info"].rss if proc.info["memory_info"] else 0
-                title = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
-            except (self.psutil.Error, TypeError):
+                title = " ".join(proc.cmdline()) or proc.name()
+            except self.psutil.Error:
                 continue
-            if proc.info["pid"] == me or title.startswith("ray::IndexShardActor"):
-                job += rss
-                if proc.info["pid"] != me and proc.info["cpu_times"]:
-                    self.actor_cpu[proc.info["pid"]] = proc.info["cpu_times"].user + proc.info["cpu_times"].system
-            elif any(k in title for k in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "ray::IDLE",
-                                          "default_worker.py", "runtime_env")):
-                daemons += rss
-        self.peak_job = max(self.peak_job, job)
-        self.peak_daemons = max(self.peak_daemons, daemons)
+            if title.startswith("ray::IndexShardActor"):
+                self.daemons.pop(proc.pid, None)  # an idle worker that became an actor
+                self.job.setdefault(proc.pid, proc)
+            elif proc.pid not in self.job:
+                self.daemons.setdefault(proc.pid, proc)
+
+    def total(self, procs: dict, actors: bool) -> int:
+        total = 0
+        for pid, proc in list(procs.items()):
+            try:
+                with proc.oneshot():
+                    total += proc.memory_info().rss
+                    if actors and pid != os.getpid():
+                        times = proc.cpu_times()
+                        self.actor_cpu[pid] = times.user + times.system
+            except self.psutil.Error:
+                procs.pop(pid)  # a killed actor keeps its last CPU reading
+        return total
 
     def run(self) -> None:
+        last_scan = 0.0
         while not self.stop.is_set():
-            self.sample()
+            if time.monotonic() - last_scan >= self.scan_every:
+                self.scan()
+                last_scan = time.monotonic()
+            self.peak_job = max(self.peak_job, self.total(self.job, True))
+            self.peak_daemons = max(self.peak_daemons, self.total(self.daemons, False))
             time.sleep(self.interval)
+        self.own_cpu = time.thread_time()
 
     def __enter__(self):
         self.thread.start()
@@ -218,9 +240,10 @@ def worker_ours(dataset: str, output: str, threshold: float, workers: int) -> di
         seconds, driver_cpu = time.perf_counter() - started, time.process_time() - cpu
     ray.shutdown()
     return {"seconds": round(seconds, 2), "ray_init_s": round(ray_init_s, 2),
-            "cpu_s": round(driver_cpu + sum(poller.actor_cpu.values()), 1), "driver_cpu_s": round(driver_cpu, 1),
+            "cpu_s": round(driver_cpu - poller.own_cpu + sum(poller.actor_cpu.values()), 1),
+            "driver_cpu_s": round(driver_cpu - poller.own_cpu, 1), "poller_cpu_s": round(poller.own_cpu, 1),
             "pairs_s": report["timings"]["pairs_seconds"], "grouping_s": report["timings"]["grouping_seconds"],
-            "peak_rss_mb": round(poller.peak_job / 2**20), "ray_daemons_peak_rss_mb": round(poller.peak_daemons / 2**20),
+            "peak_rss_mb": round(poller.peak_job / 2**20), "ray_rest_peak_rss_mb": round(poller.peak_daemons / 2**20),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "removed": report["removed"], "groups": report["groups"], "pairs": report["pairs_at_threshold"],
             "workers": report["workers"]}

@@ -213,8 +213,8 @@ def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
         options = options_for(proxy.endpoint, NO_BOTOCORE_RETRIES)
         code = cli.main(cli_args(job, tiny_model_dir, store, output, options, "clean/embed"))
         seconds = time.perf_counter() - started
-        figures = fault_figures(f"{job} at 100%", proxy, seconds)
     err = capsys.readouterr().err
+    figures = fault_figures(f"{job} at 100%", proxy, seconds)
     errors = [line for line in err.splitlines() if line.startswith(f"embedpipe {job}: error:")]
     assert code == 2 and len(errors) == 1, err
     assert "Traceback" not in err
