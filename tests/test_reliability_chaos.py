@@ -1,7 +1,8 @@
 """Chaos on a real multi-node local Ray cluster (head + 2 worker nodes, one CPU each).
 
-Worker faults: while an embed job runs, a random live EncoderActor is SIGKILLed every few seconds (each
-1-2.5 s, an actor that has loaded its model, once a shard was committed since the last kill); the job
+Worker faults: while an embed job runs (to S3, through a FaultProxy that holds each receipt a moment so the
+job lasts long enough on any machine), a random live EncoderActor is SIGKILLed every few seconds (an actor
+that has loaded its model, once both have and a shard was committed since the last kill); the job
 replaces the actors, requeues their shards, and its output equals a clean run's (every id exactly once,
 the same bytes in every part).
 
@@ -43,13 +44,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 96 * 1024 * 1024
-# Encoding a shard takes milliseconds with the tiny model, so the work phase is made of many shards
-# (about 10 s with two actors), long enough for kills to land while shards are being processed.
-ROWS, ROWS_PER_SHARD = 800, 2
+# Encoding a shard takes milliseconds with the tiny model, so the work phase is made of many shards, each
+# held RECEIPT_DELAY_S at its commit (and S3 commits are slower still): long enough for three kills.
+ROWS, ROWS_PER_SHARD = 200, 2
 SHARDS = ROWS // ROWS_PER_SHARD
 # The driver-kill runs use the first rows only (same row groups, so the same first parts as the clean run).
 DRIVER_ROWS = 60
 DRIVER_SHARDS = DRIVER_ROWS // ROWS_PER_SHARD
+RECEIPT_DELAY_S = 0.06  # per shard and actor, in the worker-kill run
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +149,18 @@ def loaded_encoder_pids(cluster) -> list[int]:
 
 
 def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Path, corpus: Path, clean: Path,
-                                                  tmp_path: Path) -> None:
-    output = tmp_path / "out"
+                                                  s3_server, tmp_path: Path) -> None:
+    fs = s3_fs(s3_server)
+    bucket = f"workers-{os.getpid()}-{int(time.time() * 1000)}"
+    s3_server.make_bucket(bucket)
+    root = f"{bucket}/out"
+    watch = Watch(fs, root)
     outcome: dict = {}
 
-    def job() -> None:
+    def job(endpoint: str) -> None:
         try:
-            outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, str(output), multi_node.address),
+            outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, f"s3://{root}", multi_node.address,
+                                                   storage_option=s3_server.option_flags(endpoint)),
                                            log=lambda _m: None)
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
@@ -161,28 +168,32 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
     rng = random.Random(7)
     kills: list[tuple[float, int]] = []
     started = time.monotonic()
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    try:
-        # A kill every few seconds, of an actor that has loaded its model, and only after a shard was
-        # committed since the last kill (on a busy machine loading takes longer than the interval).
-        last = 0
-        while thread.is_alive() and len(kills) < 3:
-            time.sleep(rng.uniform(1.0, 2.5))
-            done = len(list(output.glob("_parts/part-*.json")))
-            if done >= SHARDS - 40:
-                break
-            victims = loaded_encoder_pids(multi_node)
-            if done <= last or not victims:
-                continue
-            try:
-                os.kill(rng.choice(victims), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            kills.append((round(time.monotonic() - started, 1), done))
-            last = done
-    finally:
-        thread.join(timeout=240)  # never leave the job running into the fixture's shutdown
+    # Every receipt PUT is held a moment, so the work phase lasts SHARDS * RECEIPT_DELAY_S / 2 seconds at
+    # least, however fast the machine encodes: the kills land while shards are being processed.
+    with FaultProxy(s3_server.endpoint, delay_rate=1.0, delay_s=RECEIPT_DELAY_S,
+                    fault_filter=lambda method, path, _h: method == "PUT" and "/_parts/" in path) as proxy:
+        thread = threading.Thread(target=job, args=(proxy.endpoint,), daemon=True)
+        thread.start()
+        try:
+            # A kill every few seconds: of an actor that has loaded its model, once both actors are loaded
+            # (a replacement has taken over) and a shard was committed since the last kill.
+            last = 0
+            while thread.is_alive() and len(kills) < 3:
+                time.sleep(rng.uniform(0.5, 1.5))
+                done = len(watch.receipts(watch.names()))
+                if done >= SHARDS - 40:
+                    break
+                victims = loaded_encoder_pids(multi_node)
+                if done <= last or len(victims) < 2:
+                    continue
+                try:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                kills.append((round(time.monotonic() - started, 1), done))
+                last = done
+        finally:
+            thread.join(timeout=240)  # never leave the job running into the fixture's shutdown
     assert not thread.is_alive(), "the job did not finish"
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
@@ -192,8 +203,8 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
     assert len(kills) >= 3, f"too few kills landed while the job ran: {kills}"
     assert summary["actors_replaced"] >= len(kills) and summary["shards"]["retried"] >= len(kills)
     assert summary["rows"] == ROWS and summary["shards"]["done"] == SHARDS
-    assert_same_as_clean(clean, local_fs(), str(output))
-    table = read_dataset(str(output))
+    assert_same_as_clean(clean, fs, root)
+    table = read_dataset(f"s3://{root}", s3_server.storage_options)
     assert table.column("id").to_pylist() == list(range(ROWS))  # every id exactly once, in order
 
 

@@ -54,6 +54,12 @@ class S3Server:
             "client_kwargs": {"endpoint_url": self.endpoint},
         }
 
+    def option_flags(self, endpoint: str | None = None) -> list[str]:
+        """The same options as `--storage-option KEY=VALUE` values, optionally through another endpoint
+        (a FaultProxy in front of this server)."""
+        return [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}",
+                f"client_kwargs.endpoint_url={endpoint or self.endpoint}"]
+
     @property
     def env(self) -> dict[str, str]:
         """AWS_* variables for subprocesses (CLI runs, Ray workers) so they reach this server."""
