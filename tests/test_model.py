@@ -299,6 +299,16 @@ def test_max_seq_length_fallback_rule(tmp_path: Path, tokenizer_max_length: int 
     assert ours.describe()["max_seq_length"] == expected
 
 
+@pytest.mark.parametrize("name", ["sentence_distilbert_config.json", "sentence_xlm-roberta_config.json"])
+def test_older_transformer_config_names(tiny: Callable[..., Path], tmp_path: Path, name: str) -> None:
+    # Older sentence-transformers releases named the file after the architecture; both libraries read it.
+    path = tmp_path / "older"
+    shutil.copytree(tiny(pooling="mean", legacy_max_seq_length=24), path)
+    (path / "sentence_bert_config.json").rename(path / name)
+    _, ours, theirs = assert_parity(path)
+    assert ours.max_seq_length == theirs.max_seq_length == 24
+
+
 def test_do_lower_case(tiny: Callable[..., Path]) -> None:
     path = tiny(pooling="mean", do_lower_case=True)
     got, ours, _ = assert_parity(path)
@@ -461,6 +471,12 @@ def test_missing_dense_weights(broken: Path) -> None:
 def test_dense_activation_outside_torch_nn(broken: Path, activation: str) -> None:
     edit_json(broken / "2_Dense" / "config.json", lambda c: c.update(activation_function=activation))
     expect_config_error(broken, str(broken / "2_Dense" / "config.json"), repr(activation), "torch.nn")
+
+
+def test_dense_activation_needing_arguments(broken: Path) -> None:
+    # A torch.nn class, but sentence-transformers builds the activation without arguments.
+    edit_json(broken / "2_Dense" / "config.json", lambda c: c.update(activation_function="torch.nn.Linear"))
+    expect_config_error(broken, str(broken / "2_Dense" / "config.json"), "torch.nn.Linear", "without arguments")
 
 
 def test_auto_map_is_refused(broken: Path) -> None:

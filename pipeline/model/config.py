@@ -152,6 +152,7 @@ def parse_dense(config: dict[str, Any], folder: Path, where: Path) -> DenseConfi
             f"{where}: activation_function {activation!r} is not a torch.nn activation class; "
             "only torch.nn modules are accepted (no code is imported from model files)"
         )
+    check_builds_without_arguments(class_name, where)
     try:
         return DenseConfig(
             path=folder,
@@ -172,9 +173,31 @@ def is_torch_nn_module_class(name: str) -> bool:
     return isinstance(candidate, type) and issubclass(candidate, torch.nn.Module)
 
 
+# sentence-transformers reads the first of these that exists (older releases named it after the architecture).
+TRANSFORMER_CONFIG_NAMES = (
+    "sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+    "sentence_camembert_config.json", "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
+
+
+def check_builds_without_arguments(class_name: str, where: Path) -> None:
+    """sentence-transformers builds the activation with no arguments; a class that needs some is refused here."""
+    import torch.nn
+
+    try:
+        getattr(torch.nn, class_name)()
+    except TypeError as exc:
+        raise ModelConfigError(
+            f"{where}: activation_function torch.nn.{class_name} cannot be built without arguments ({exc})"
+        ) from None
+
+
 def parse_transformer(folder: Path) -> TransformerConfig:
-    sbert = folder / "sentence_bert_config.json"
-    config = read_json(sbert) if sbert.exists() else {}
+    found = next((folder / name for name in TRANSFORMER_CONFIG_NAMES if (folder / name).exists()), None)
+    config = read_json(found) if found else {}
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{found}: expected a JSON object")
     max_len = config.get("max_seq_length")
     return TransformerConfig(
         path=folder,
