@@ -14,7 +14,35 @@ from typing import Any, Protocol
 
 import ray
 
-from pipeline.runtime.cluster import ActorPlan
+from pipeline.runtime.cluster import ActorPlan, describe_resources
+
+DEFAULT_START_TIMEOUT_S = 600.0
+
+
+class ActorStartTimeout(RuntimeError):
+    """Actors that the cluster could not place (or construct) in time."""
+
+
+def start_timeout_s() -> float:
+    """How long an actor may take to be placed and load its model (``EMBEDPIPE_ACTOR_START_TIMEOUT_S``):
+    long enough for an autoscaler to add a node, short enough that a job never hangs for good."""
+    return float(os.environ.get("EMBEDPIPE_ACTOR_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+
+
+def wait_started(actors: Sequence, what: str, num_cpus: float, num_gpus: float) -> None:
+    """Return once every actor is constructed (or failed in its constructor, which the first call on it
+    reports); raise ActorStartTimeout naming what they ask for if the cluster cannot place them."""
+    refs = [actor.__ray_ready__.remote() for actor in actors]
+    timeout = start_timeout_s()
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+    if pending:
+        for actor in actors:
+            ray.kill(actor)
+        raise ActorStartTimeout(
+            f"{len(pending)} of {len(actors)} {what}(s) did not start within {timeout:g}s: each asks for "
+            f"{num_cpus:g} CPU and {num_gpus:g} GPU and the cluster has {describe_resources()}; use fewer "
+            "--workers, add nodes, or raise EMBEDPIPE_ACTOR_START_TIMEOUT_S"
+        )
 
 
 class ShardWork(Protocol):
@@ -58,7 +86,10 @@ class EncoderActor:
 def start_actors(plan: ActorPlan, model: str, model_options: dict, count: int | None = None) -> list:
     """Start the encoder actors; each asks for one GPU or its share of CPUs."""
     remote = ray.remote(EncoderActor).options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=0)
-    return [remote.remote(model, model_options, plan.threads) for _ in range(count or plan.workers)]
+    actors = [remote.remote(model, model_options, plan.threads) for _ in range(count or plan.workers)]
+    if count is None:  # the job's first actors; a replacement is watched by the scheduler instead
+        wait_started(actors, "encoder actor", plan.num_cpus, plan.num_gpus)
+    return actors
 
 
 class IndexShardActor:
@@ -196,4 +227,6 @@ class IndexShardActor:
 def start_index_actors(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float) -> list:
     """One IndexShardActor per (loader, offset or runs) slice."""
     remote = ray.remote(IndexShardActor).options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
-    return [remote.remote(loader, offset, max(1, int(num_cpus))) for loader, offset in loaders]
+    actors = [remote.remote(loader, offset, max(1, int(num_cpus))) for loader, offset in loaders]
+    wait_started(actors, "index actor", num_cpus, num_gpus)
+    return actors

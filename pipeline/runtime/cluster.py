@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -42,14 +43,28 @@ def connect(address: str | None = None) -> None:
 
 
 def plan_actors(workers: int | None = None) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; else ``workers`` CPU actors sharing the CPUs."""
+    """One actor per GPU when the cluster has GPUs; else ``workers`` CPU actors sharing the CPUs.
+
+    More workers than CPUs share them (1/k CPU each, so k fit on every CPU) rather than wait forever
+    for CPUs that do not exist; a cluster with no CPUs yet (an autoscaler still adding nodes) gets
+    one CPU per actor.
+    """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
         count = min(workers or gpus, gpus)
         return ActorPlan(workers=count, num_gpus=1, num_cpus=1)
     count = max(1, workers or 1)
-    cpus = int(resources.get("CPU", 1))
+    cpus = int(resources.get("CPU", 0))
+    if 0 < cpus < count:
+        return ActorPlan(workers=count, num_gpus=0, num_cpus=1 / math.ceil(count / cpus))
     largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
     per_actor = max(1, min(cpus // count, largest_node))
     return ActorPlan(workers=count, num_gpus=0, num_cpus=per_actor)
+
+
+def describe_resources() -> str:
+    """What the cluster has free, for errors about actors that cannot be placed."""
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    return ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU"))

@@ -2,13 +2,16 @@
 
 The driver hands each actor one shard plus the next one it will get (so the actor can start reading
 it), retries a failing shard up to ``max_attempts`` times, and gives a dead actor's shard to another
-actor (a new actor replaces the dead one). A shard that keeps failing stops the job after the shards
-in flight have finished, so their work is committed for the next run.
+actor (a new actor replaces the dead one). A replacement the cluster cannot place within the start
+timeout is given up, and its shards go to the actors that are left; with none left the job stops. A
+shard that keeps failing stops the job after the shards in flight have finished, so their work is
+committed for the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +19,10 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError
+
+from pipeline.runtime.actors import ActorStartTimeout
+from pipeline.runtime.actors import start_timeout_s as actor_start_timeout
+from pipeline.runtime.cluster import describe_resources
 
 INFRASTRUCTURE_ERRORS = (RayActorError, NodeDiedError, ObjectLostError)
 try:  # not in every Ray release
@@ -67,14 +74,18 @@ def run_queue(
     max_attempts: int = 3,
     is_retryable: Callable[[BaseException], bool] = lambda exc: True,
     max_replacements: int | None = None,
+    start_timeout_s: float | None = None,
 ) -> QueueStats:
     """Run every item on the actors; returns counts of retries and replaced actors."""
+    start_timeout = actor_start_timeout() if start_timeout_s is None else start_timeout_s
     queue: deque[Ticket] = deque(Ticket(key, item) for key, item in items)
     reserved: dict[int, Ticket] = {}  # actor slot -> the ticket it is prefetching
     in_flight: dict[ray.ObjectRef, tuple[int, Ticket]] = {}
     stats = QueueStats()
     failure: ShardFailed | None = None
     budget = max_replacements if max_replacements is not None else 4 * max(1, len(actors)) + 4
+    starting: dict[ray.ObjectRef, tuple[int, float]] = {}  # replacement's ready ref -> (slot, deadline)
+    given_up: set[int] = set()  # slots whose replacement never started: no more work for them
 
     def dispatch(slot: int) -> None:
         ticket = reserved.pop(slot, None) or (queue.popleft() if queue else None)
@@ -93,12 +104,29 @@ def run_queue(
     while in_flight or (failure is None and (queue or reserved)):
         if failure is None:
             for slot in range(len(actors)):
-                if slot not in busy():
+                if slot not in busy() and slot not in given_up:
                     dispatch(slot)
         if not in_flight:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        timeout = max(0.0, min(d for _, d in starting.values()) - time.monotonic()) if starting else None
+        ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=timeout, fetch_local=False)
+        if not ready:  # a replacement was not placed in time: its shards go to the other actors
+            for ref, (slot, deadline) in list(starting.items()):
+                if deadline <= time.monotonic():
+                    del starting[ref]
+                    given_up.add(slot)
+                    with contextlib.suppress(Exception):
+                        ray.kill(actors[slot], no_restart=True)
+            if len(given_up) == len(actors):
+                raise ActorStartTimeout(
+                    f"no actor is left: replacements for the lost ones did not start within {start_timeout:g}s "
+                    f"(the cluster has {describe_resources()}); a re-run resumes from the committed shards"
+                )
+            continue
         for ref in ready:
+            if ref in starting:  # a replacement is up
+                del starting[ref]
+                continue
             slot, ticket = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
@@ -108,6 +136,8 @@ def run_queue(
                 queue.appendleft(ticket)
                 if slot in reserved:
                     queue.appendleft(reserved.pop(slot))
+                if slot in given_up:  # its actor was killed for not starting in time
+                    continue
                 if stats.actors_replaced >= budget:
                     failure = failure or ShardFailed(ticket.key, ticket.item, exc, ticket.attempt)
                     continue
@@ -115,6 +145,7 @@ def run_queue(
                 with contextlib.suppress(Exception):
                     ray.kill(actors[slot], no_restart=True)
                 actors[slot] = replace_actor()
+                starting[actors[slot].__ray_ready__.remote()] = (slot, time.monotonic() + start_timeout)
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
                 cause = task_cause(exc)
