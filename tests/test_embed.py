@@ -522,15 +522,41 @@ def test_failing_shard_ends_the_job_naming_it_and_keeps_committed_shards(ray_loc
     assert_matches_encoder(read_dataset(str(output)), texts, encoder)
 
 
-def test_a_job_that_fails_after_starting_actors_stops_them(ray_local, tiny_model_dir, tmp_path) -> None:
-    """An unknown prompt name is found once the actors describe the model: the job fails naming it,
-    commits nothing, and stops its actors even while the caller still holds the error (whose traceback
-    references their handles), so a long-lived driver's next job does not wait for their CPUs."""
+def encoder_actor_ids() -> set[str]:
     import ray
 
+    return {actor_id for actor_id, info in ray._private.state.actors().items()
+            if info["ActorClassName"] == "EncoderActor"}
+
+
+def test_an_unknown_prompt_name_fails_before_any_actor_starts(ray_local, tiny_model_dir, tmp_path) -> None:
     corpus = write_parquet(tmp_path / "c.parquet", pa.table(good_rows(12)))
-    with pytest.raises(ValueError, match="prompt_name 'no-such-prompt' is not defined by the model") as info:
+    before = encoder_actor_ids()
+    with pytest.raises(ValueError, match="prompt_name 'no-such-prompt' is not defined by the model"):
         embed(tiny_model_dir, corpus, tmp_path / "out", prompt_name="no-such-prompt")
+    assert encoder_actor_ids() == before
+    assert_nothing_committed(tmp_path / "out")
+    assert not (tmp_path / "out" / PLAN_FILE).exists()
+
+
+def test_a_model_the_actors_cannot_load_stops_them(ray_local, tiny_model_dir, tmp_path) -> None:
+    """Weights that pass the driver's checks (present, safetensors) but cannot be read: the job fails
+    with the actor's own error in one line, commits nothing, and stops its actors even while the caller
+    still holds the error (whose traceback references their handles), so a long-lived driver's next job
+    does not wait for their CPUs."""
+    import ray
+
+    from pipeline.runtime.actors import ActorInitError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    corpus = write_parquet(tmp_path / "c.parquet", pa.table(good_rows(12)))
+    before = encoder_actor_ids()
+    with pytest.raises(ActorInitError, match="encoder actor could not start: ") as info:
+        embed(model, corpus, tmp_path / "out")
+    assert str(model) in str(info.value) and "cannot load the transformer weights" in str(info.value)
+    assert "\n" not in str(info.value) and len(encoder_actor_ids() - before) == 1
     assert_nothing_committed(tmp_path / "out")
     assert not (tmp_path / "out" / PLAN_FILE).exists()
     deadline = time.monotonic() + 30

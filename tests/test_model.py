@@ -460,6 +460,14 @@ def test_missing_transformer_weights(broken: Path) -> None:
     expect_config_error(broken, str(broken), "no model weights", "model.safetensors")
 
 
+@pytest.mark.parametrize("module", ["", "2_Dense"])
+def test_corrupt_weights_name_the_file(broken: Path, module: str) -> None:
+    # Present and named right, so the cheap checks pass; reading them fails, and the error says where.
+    weights = broken / module / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    expect_config_error(broken, str(weights.parent), "SafetensorError", "weights")
+
+
 def test_missing_dense_weights(broken: Path) -> None:
     (broken / "2_Dense" / "model.safetensors").unlink()
     expect_config_error(broken, str(broken / "2_Dense"), "no model weights")

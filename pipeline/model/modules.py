@@ -6,6 +6,7 @@ post-processing chain reads like the model's ``modules.json``.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,10 +15,12 @@ from torch import Tensor, nn
 
 from pipeline.model.config import (
     DenseConfig,
+    ModelConfig,
     ModelConfigError,
     NormalizeConfig,
     PoolingConfig,
     TransformerConfig,
+    load_model_config,
 )
 
 Features = dict[str, Tensor]
@@ -72,8 +75,10 @@ class Transformer(nn.Module):
             self.model = AutoModel.from_pretrained(
                 str(folder), trust_remote_code=False, use_safetensors=use_safetensors, local_files_only=True
             )
-        except (OSError, ValueError) as exc:
-            raise ModelConfigError(f"{folder}: cannot load the transformer weights ({exc})") from None
+        except Exception as exc:  # safetensors, torch and transformers each raise their own kinds
+            raise ModelConfigError(
+                f"{folder}: cannot load the transformer weights ({type(exc).__name__}: {exc})"
+            ) from None
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_seq_length = self.resolve_max_seq_length(config.max_seq_length)
@@ -196,10 +201,15 @@ class Dense(nn.Module):
         if safetensors_file.exists():
             from safetensors.torch import load_file
 
-            state = load_file(str(safetensors_file))
+            weights_file = safetensors_file
+            read = load_file
         else:
-            pickle_file = next(iter(sorted(folder.glob("*.bin"))), None)
-            state = torch.load(str(pickle_file), map_location="cpu", weights_only=True)
+            weights_file = next(iter(sorted(folder.glob("*.bin"))), None)
+            read = partial(torch.load, map_location="cpu", weights_only=True)
+        try:
+            state = read(str(weights_file))
+        except Exception as exc:  # a corrupt or truncated file
+            raise ModelConfigError(f"{weights_file}: cannot read the Dense weights ({type(exc).__name__}: {exc})") from None
         try:
             self.load_state_dict(state)
         except RuntimeError as exc:
@@ -225,10 +235,8 @@ class Normalize(nn.Module):
         return features
 
 
-def check_model(root: Path, allow_pickle: bool = False) -> None:
+def check_model(root: Path, allow_pickle: bool = False) -> ModelConfig:
     """Validate a model directory without loading weights: configs, weights present, no remote code."""
-    from pipeline.model.config import load_model_config
-
     config = load_model_config(root)
     for module in config.modules:
         if isinstance(module, TransformerConfig):
@@ -239,3 +247,4 @@ def check_model(root: Path, allow_pickle: bool = False) -> None:
             check_weights(module.path, allow_pickle)
         elif isinstance(module, DenseConfig):
             check_weights(module.path, allow_pickle)
+    return config

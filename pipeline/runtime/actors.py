@@ -23,6 +23,18 @@ class ActorStartTimeout(RuntimeError):
     """Actors that the cluster could not place (or construct) in time."""
 
 
+class ActorInitError(RuntimeError):
+    """An actor's constructor raised: the model or the data it loads is bad (not a lost worker)."""
+
+
+def init_error(exc: Exception) -> str:
+    """The message of the exception an actor's constructor raised (Ray wraps it in its traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(exc)
+    name, sep, message = last.partition(": ")
+    return message if sep and name.replace(".", "").replace("_", "").isalnum() else last
+
+
 def start_timeout_s() -> float:
     """How long an actor may take to be placed and load its model (``EMBEDPIPE_ACTOR_START_TIMEOUT_S``):
     long enough for an autoscaler to add a node, short enough that a job never hangs for good."""
@@ -30,11 +42,22 @@ def start_timeout_s() -> float:
 
 
 def wait_started(actors: Sequence, what: str, num_cpus: float, num_gpus: float) -> None:
-    """Return once every actor is constructed (or failed in its constructor, which the first call on it
-    reports); raise ActorStartTimeout naming what they ask for if the cluster cannot place them."""
+    """Return once every actor is constructed; raise ActorInitError with the cause if a constructor
+    failed, ActorStartTimeout naming what they ask for if the cluster cannot place them. Either way the
+    actors are stopped, so they hold no CPU or GPU after the error."""
+    from ray.exceptions import RayActorError
+
     refs = [actor.__ray_ready__.remote() for actor in actors]
     timeout = start_timeout_s()
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+    try:
+        ray.get(ready)
+    except RayActorError as exc:
+        for actor in actors:
+            ray.kill(actor)
+        if getattr(exc, "actor_init_failed", False):
+            raise ActorInitError(f"{what} could not start: {init_error(exc)}") from None
+        raise
     if pending:
         for actor in actors:
             ray.kill(actor)

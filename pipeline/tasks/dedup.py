@@ -185,9 +185,7 @@ class IndexPool:
             for slot, ref in refs.items():
                 try:
                     results[slot] = ray.get(ref)
-                except RayActorError as exc:
-                    if exc.actor_init_failed:  # loading its slice failed: bad data, not a lost worker
-                        raise DedupError(init_error(exc)) from None
+                except RayActorError:
                     if self.replaced >= 4 * len(self.actors):
                         raise
                     self.replaced += 1
@@ -201,14 +199,6 @@ class IndexPool:
 
         for actor in self.actors:
             ray.kill(actor)
-
-
-def init_error(exc: Exception) -> str:
-    """The message of the exception an actor's constructor raised (Ray wraps it in its traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    last = lines[-1] if lines else str(exc)
-    name, sep, message = last.partition(": ")
-    return message if sep and name.replace(".", "").replace("_", "").isalnum() else last
 
 
 def pairs_table(i: np.ndarray, j: np.ndarray, s: np.ndarray, ids: list) -> pa.Table:

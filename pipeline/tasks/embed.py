@@ -233,7 +233,9 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
 
     # Model and inputs are checked on the driver, before any actor starts.
     model_dir = local_model_dir(spec.model, storage_options)
-    check_model(model_dir, spec.allow_pickle)
+    model_config = check_model(model_dir, spec.allow_pickle)
+    # An unknown --prompt-name fails here, before Ray and the actors start.
+    resolve_prompt(spec, {"prompts": model_config.prompts, "default_prompt_name": model_config.default_prompt_name})
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
