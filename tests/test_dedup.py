@@ -494,6 +494,13 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path) -> None:
     with pytest.raises(ValueError, match="other input or options"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1))
     assert (out / "_SUCCESS").exists()
+    # with --overwrite its own files are replaced; anything else in the folder is left alone
+    (out / "notes.txt").write_text("not dedup's")
+    (out / "pairs" / "pairs-00099.parquet").write_bytes(b"stale")  # inside a folder dedup owns
+    replaced = run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1, overwrite=True))
+    assert replaced["threshold"] == json.loads((out / "report.json").read_text())["threshold"] == 0.95
+    assert (out / "_SUCCESS").exists() and (out / "notes.txt").read_text() == "not dedup's"
+    assert not (out / "pairs" / "pairs-00099.parquet").exists()
 
 
 # ---------------------------------------------------------------- partitioned mode

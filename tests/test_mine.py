@@ -534,6 +534,15 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
         run_mine(runs.spec("tiny", "man", copy, seed=8, **RANDOM), log=quiet)
     assert {p.name: p.read_bytes() for p in copy.glob("part-*.parquet")} == {n: d for n, (d, _) in after.items()}
 
+    # With --overwrite the mining output is replaced by the new options' (nothing of the old run is left).
+    (copy / "part-00999.parquet").write_bytes(b"stale")
+    (copy / "notes.txt").write_text("not ours")
+    monkeypatch.undo()  # this run needs Ray
+    replaced = run_mine(runs.spec("tiny", "man", copy, overwrite=True, **{**RANDOM_7, "seed": 8}), log=quiet)
+    assert replaced["parts_resumed"] == 0 and replaced["parts_written"] == len(after)
+    assert sorted(p.name for p in copy.glob("part-*.parquet")) == sorted(after)
+    assert (copy / "_SUCCESS").exists() and (copy / "notes.txt").read_text() == "not ours"
+
 
 # --------------------------------------------------------------------------- training on the output
 

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,20 +204,42 @@ def check_writable(root: str, storage_options: dict | None) -> None:
         raise DatasetError(redact(f"{root}: the output cannot be written ({type(exc).__name__}: {exc})")) from None
 
 
-def clear_output(root: str, storage_options: dict | None) -> None:
-    """Remove what an earlier run wrote (only embedpipe's own files), for --overwrite."""
+def is_dataset_file(name: str) -> bool:
+    """Names an embed output owns (parts, receipts, plan, manifest, ``_SUCCESS``)."""
+    return name in (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR) or (
+        name.startswith("part-") and name.endswith(".parquet"))
+
+
+def clear_output(root: str, storage_options: dict | None, owned: Callable[[str], bool] = is_dataset_file) -> None:
+    """Remove what an earlier run wrote (only the names ``owned`` accepts), ``_SUCCESS`` first so that the
+    output stops looking complete before anything else goes; for --overwrite."""
     fs, path = filesystem(root, storage_options)
-    if not fs.exists(path):
+    if not with_retries(lambda: fs.exists(path), what=root):
         return
-    for name in (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE):
-        if fs.exists(join(path, name)):
-            fs.rm(join(path, name))
-    for entry in fs.ls(path, detail=False):
-        base = entry.rsplit("/", 1)[-1]
-        if base.startswith("part-") and base.endswith(".parquet"):
-            fs.rm(entry)
-    if fs.exists(join(path, RECEIPTS_DIR)):
-        fs.rm(join(path, RECEIPTS_DIR), recursive=True)
+    success = join(path, SUCCESS_FILE)
+    if owned(SUCCESS_FILE) and with_retries(lambda: fs.exists(success), what=root):
+        with_retries(lambda: fs.rm(success), what=join(root, SUCCESS_FILE))
+    for entry in with_retries(lambda: fs.ls(path, detail=False), what=root):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name != SUCCESS_FILE and owned(name):
+            with_retries(lambda e=entry: fs.rm(e, recursive=True), what=join(root, name))
+
+
+def claim_output(root: str, key: str, plan: dict, storage_options: dict | None, *, job: str, overwrite: bool,
+                 owned: Callable[[str], bool], log: Callable[[str], None]) -> dict | None:
+    """One output belongs to one plan (``key``): the same key resumes it and returns its stored plan;
+    another key is refused, or with ``overwrite`` the old output is cleared. A new output gets ``plan``."""
+    existing = read_json_file(root, PLAN_FILE, storage_options)
+    if existing is not None and existing.get("key") != key:
+        if not overwrite:
+            raise DatasetError(f"{root}: holds a {job} output made with other input or options; use --overwrite "
+                               "or choose another --output")
+        log(f"replacing the existing {job} output at {root}")
+        clear_output(root, storage_options, owned)
+        existing = None
+    if existing is None:
+        write_json_file(root, PLAN_FILE, dict(plan, key=key), storage_options)
+    return existing
 
 
 # -- reading datasets back ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pipeline.io.dataset import (
     SUCCESS_FILE,
     DatasetError,
     PartsLoader,
+    claim_output,
     dataset_metadata,
     float_vectors,
     is_complete,
@@ -475,23 +476,16 @@ def plan_key(source: Source, storage_options: dict, fn: str, floor: float, spec:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
+DEDUP_FILES = (SUCCESS_FILE, "report.json", "duplicates.parquet", PLAN_FILE, "pairs", "kept")
+
+
 def prepare_output(output: str, key: str, plan: dict, spec: DedupSpec, storage_options: dict, log) -> None:
-    existing = read_json_file(output, PLAN_FILE, storage_options)
-    if existing is not None and existing.get("key") != key:
-        if not spec.overwrite:
-            raise DatasetError(f"{output}: holds a dedup made with other input or options; use --overwrite "
-                               "or choose another --output")
-        log(f"replacing the existing dedup output at {output}")
+    existing = claim_output(output, key, plan, storage_options, job="dedup", overwrite=spec.overwrite,
+                            owned=DEDUP_FILES.__contains__, log=log)
+    if existing is not None and is_complete(output, storage_options):
+        # A resumed dedup rewrites its outputs (the threshold may differ): not complete meanwhile.
         fs, path = filesystem(output, storage_options)
-        for name in (SUCCESS_FILE, "report.json", "duplicates.parquet", PLAN_FILE, "pairs", "kept"):
-            if fs.exists(join(path, name)):
-                fs.rm(join(path, name), recursive=True)
-        existing = None
-    if existing is None:
-        write_json_file(output, PLAN_FILE, dict(plan, key=key), storage_options)
-    elif exists(output, SUCCESS_FILE, storage_options):
-        fs, path = filesystem(output, storage_options)
-        fs.rm(join(path, SUCCESS_FILE))  # the outputs are about to be rewritten (the threshold may differ)
+        with_retries(lambda: fs.rm(join(path, SUCCESS_FILE)), what=output)
 
 
 def run_dedup(spec: DedupSpec, log=None) -> dict:

@@ -33,6 +33,7 @@ from pipeline.io.dataset import (
     PLAN_FILE,
     SUCCESS_FILE,
     DatasetError,
+    claim_output,
     dataset_metadata,
     float_vectors,
     is_complete,
@@ -176,21 +177,13 @@ def plan_key(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def is_mine_file(name: str) -> bool:
+    return name.startswith("part-") or name in (SUCCESS_FILE, PLAN_FILE, MANIFEST_FILE, "report.json", "_parts")
+
+
 def prepare_output(output: str, key: str, spec: MineSpec, storage_options: dict, log) -> None:
-    existing = read_json_file(output, PLAN_FILE, storage_options)
-    if existing is not None and existing.get("key") != key:
-        if not spec.overwrite:
-            raise DatasetError(f"{output}: holds a mining output made with other input or options; "
-                               "use --overwrite or choose another --output")
-        log(f"replacing the existing mining output at {output}")
-        fs, path = filesystem(output, storage_options)
-        for entry in fs.ls(path, detail=False):
-            base = entry.rsplit("/", 1)[-1]
-            if base.startswith("part-") or base in (SUCCESS_FILE, PLAN_FILE, MANIFEST_FILE, "report.json", "_parts"):
-                fs.rm(entry, recursive=True)
-        existing = None
-    if existing is None:
-        write_json_file(output, PLAN_FILE, {"key": key}, storage_options)
+    claim_output(output, key, {}, storage_options, job="mining", overwrite=spec.overwrite, owned=is_mine_file,
+                 log=log)
 
 
 def part_exists(output: str, name: str, storage_options: dict) -> bool:
