@@ -37,22 +37,26 @@ def range_pairs(
     _check_block_size(block_size)
     queries, corpus = as_float(queries), as_float(corpus)
     out_i, out_j, out_s = [], [], []
+    # One reused buffer for every tile's threshold mask: a fresh tile-sized mask per tile fragments the
+    # heap (glibc keeps the freed blocks), and RSS grows with the number of tiles.
+    mask_buffer = torch.empty(min(block_size, len(queries)) * min(block_size, len(corpus)), dtype=torch.bool,
+                              device=queries.device)
     for qs in range(0, len(queries), block_size):
         q = queries[qs : qs + block_size]
-        gi = torch.arange(query_offset + qs, query_offset + qs + len(q), device=q.device)
         for cs in range(0, len(corpus), block_size):
             c = corpus[cs : cs + block_size]
             if upper_only and corpus_offset + cs + len(c) - 1 <= query_offset + qs:
                 continue  # tile lies entirely on or below the diagonal
             scores = pairwise_scores(q, c, fn)
-            mask = scores >= threshold
-            if upper_only:
-                gj = torch.arange(corpus_offset + cs, corpus_offset + cs + len(c), device=q.device)
-                mask &= gi[:, None] < gj[None, :]
+            mask = torch.ge(scores, threshold, out=mask_buffer[: scores.numel()].view(scores.shape))
             r, col = mask.nonzero(as_tuple=True)
+            gi, gj = r + (query_offset + qs), col + (corpus_offset + cs)
+            if upper_only and corpus_offset + cs <= query_offset + qs + len(q) - 1:
+                above = gi < gj  # the tile crosses the diagonal: keep i < j only
+                r, col, gi, gj = r[above], col[above], gi[above], gj[above]
             if len(r):
-                out_i.append((r + query_offset + qs).cpu().numpy())
-                out_j.append((col + corpus_offset + cs).cpu().numpy())
+                out_i.append(gi.cpu().numpy())
+                out_j.append(gj.cpu().numpy())
                 out_s.append(scores[r, col].to(torch.float32).cpu().numpy())
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
