@@ -14,6 +14,7 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.model.similarity import as_float, pairwise_scores, validate_name
 
@@ -36,18 +37,24 @@ def range_pairs(
     validate_name(fn)
     _check_block_size(block_size)
     queries, corpus = as_float(queries), as_float(corpus)
+    if fn == "cosine":  # normalize every row once, not once per tile: then cosine is a dot product
+        queries, corpus, fn = F.normalize(queries, p=2, dim=-1), F.normalize(corpus, p=2, dim=-1), "dot"
     out_i, out_j, out_s = [], [], []
-    # One reused buffer for every tile's threshold mask: a fresh tile-sized mask per tile fragments the
-    # heap (glibc keeps the freed blocks), and RSS grows with the number of tiles.
-    mask_buffer = torch.empty(min(block_size, len(queries)) * min(block_size, len(corpus)), dtype=torch.bool,
-                              device=queries.device)
+    # One reused buffer for every tile's scores and one for its threshold mask: fresh tile-sized
+    # temporaries per tile fragment the heap (glibc keeps the freed blocks), and RSS grows with the tiles.
+    tile = min(block_size, len(queries)) * min(block_size, len(corpus))
+    mask_buffer = torch.empty(tile, dtype=torch.bool, device=queries.device)
+    score_buffer = torch.empty(tile if fn == "dot" else 0, dtype=queries.dtype, device=queries.device)
     for qs in range(0, len(queries), block_size):
         q = queries[qs : qs + block_size]
         for cs in range(0, len(corpus), block_size):
             c = corpus[cs : cs + block_size]
             if upper_only and corpus_offset + cs + len(c) - 1 <= query_offset + qs:
                 continue  # tile lies entirely on or below the diagonal
-            scores = pairwise_scores(q, c, fn)
+            if fn == "dot" and q.dtype == c.dtype:
+                scores = torch.matmul(q, c.T, out=score_buffer[: len(q) * len(c)].view(len(q), len(c)))
+            else:
+                scores = pairwise_scores(q, c, fn)
             mask = torch.ge(scores, threshold, out=mask_buffer[: scores.numel()].view(scores.shape))
             r, col = mask.nonzero(as_tuple=True)
             gi, gj = r + (query_offset + qs), col + (corpus_offset + cs)
