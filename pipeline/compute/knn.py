@@ -19,6 +19,13 @@ import torch.nn.functional as F
 from pipeline.model.similarity import as_float, pairwise_scores, validate_name
 
 
+def normalized_for(queries: torch.Tensor, corpus: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Cosine on unit rows is a dot product: normalize every row once rather than once per tile."""
+    if fn != "cosine":
+        return queries, corpus, fn
+    return F.normalize(queries, p=2, dim=-1), F.normalize(corpus, p=2, dim=-1), "dot"
+
+
 def range_pairs(
     queries: torch.Tensor,
     corpus: torch.Tensor,
@@ -37,8 +44,7 @@ def range_pairs(
     validate_name(fn)
     _check_block_size(block_size)
     queries, corpus = as_float(queries), as_float(corpus)
-    if fn == "cosine":  # normalize every row once, not once per tile: then cosine is a dot product
-        queries, corpus, fn = F.normalize(queries, p=2, dim=-1), F.normalize(corpus, p=2, dim=-1), "dot"
+    queries, corpus, fn = normalized_for(queries, corpus, fn)
     out_i, out_j, out_s = [], [], []
     # One reused buffer for every tile's scores and one for its threshold mask: fresh tile-sized
     # temporaries per tile fragment the heap (glibc keeps the freed blocks), and RSS grows with the tiles.
@@ -91,6 +97,7 @@ def topk(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     queries, corpus = as_float(queries), as_float(corpus)
+    queries, corpus, fn = normalized_for(queries, corpus, fn)
     dtype = torch.promote_types(queries.dtype, corpus.dtype)
     out_s, out_i = [], []
     for qs in range(0, len(queries), block_size):
