@@ -309,6 +309,24 @@ def test_older_transformer_config_names(tiny: Callable[..., Path], tmp_path: Pat
     assert ours.max_seq_length == theirs.max_seq_length == 24
 
 
+def test_model_without_token_type_ids(tiny: Callable[..., Path], tmp_path: Path) -> None:
+    # A DistilBERT encoder (no token type embeddings) behind a BERT tokenizer, which returns token_type_ids:
+    # another architecture than BERT, and inputs the model has no use for, still give the same vectors.
+    from transformers import DistilBertConfig, DistilBertModel
+
+    path = tmp_path / "distilbert"
+    shutil.copytree(tiny(pooling="mean"), path)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128)
+    for name in ("config.json", "model.safetensors"):
+        (path / name).unlink()
+    DistilBertModel(config).save_pretrained(path)
+    assert "token_type_ids" in load_encoder(path, device="cpu").tokenizer("a text")
+    assert_parity(path)
+
+
 def test_do_lower_case(tiny: Callable[..., Path]) -> None:
     path = tiny(pooling="mean", do_lower_case=True)
     got, ours, _ = assert_parity(path)

@@ -6,6 +6,7 @@ post-processing chain reads like the model's ``modules.json``.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 
@@ -80,6 +81,12 @@ class Transformer(nn.Module):
                 f"{folder}: cannot load the transformer weights ({type(exc).__name__}: {exc})"
             ) from None
         self.model.eval()
+        # Only the inputs the model's forward takes (as sentence-transformers): a tokenizer may return
+        # token_type_ids for a model that has none.
+        params = inspect.signature(self.model.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.forward_inputs = {"input_ids", "attention_mask", "token_type_ids"} & (
+            {"input_ids", "attention_mask", "token_type_ids"} if takes_any else set(params))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_seq_length = self.resolve_max_seq_length(config.max_seq_length)
         self.tokenizer.model_max_length = self.max_seq_length
@@ -97,7 +104,7 @@ class Transformer(nn.Module):
         return int(limit)
 
     def forward(self, features: Features) -> Features:
-        inputs = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
+        inputs = {k: v for k, v in features.items() if k in self.forward_inputs}
         output = self.model(**inputs, return_dict=True)
         features["token_embeddings"] = output.last_hidden_state
         return features
