@@ -25,6 +25,7 @@ from pipeline.io.training_formats import build_table, to_labeled_pair, to_triple
 from pipeline.spec import ConvertSpec, MineSpec, SpecError, build_spec
 from pipeline.tasks.convert import ConvertError, run_convert
 from pipeline.tasks.mine import run_mine
+from tests.support.s3server import option_flags
 
 A, P = "question", "answer"
 WORDS = str.split(
@@ -161,9 +162,7 @@ def test_scores_become_score_and_cannot_go_back(tmp_path: Path, capsys) -> None:
 
 def test_writes_to_s3_with_storage_options(mined: Path, s3_bucket, capsys) -> None:
     endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
-    options = [f"--storage-option=key={s3_bucket.storage_options['key']}",
-               f"--storage-option=secret={s3_bucket.storage_options['secret']}",
-               f"--storage-option=client_kwargs.endpoint_url={endpoint}"]
+    options = [f"--storage-option={flag}" for flag in option_flags(endpoint)]
     target = s3_bucket.path("training", "pairs")
     code, summary, _ = convert(capsys, "--to", "labeled-pair", str(mined), target, *options)
     assert code == 0 and summary["parts"] == 3

@@ -25,6 +25,7 @@ from pipeline.io.dataset import finalize, quantize, write_part
 from pipeline.io.storage import filesystem
 from pipeline.spec import DedupSpec, build_spec
 from pipeline.tasks.dedup import run_dedup
+from tests.support.s3server import option_flags
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N, DIM = 360, 64
@@ -360,8 +361,7 @@ def test_cosine_exact_keep_first(cosine_run) -> None:
 def test_dot_on_s3_keep_centroid(tmp_path, s3_bucket) -> None:
     """dot from the metadata on unnormalized vectors; input and output in S3; int64 ids; 2 workers, 7-row tiles."""
     options = s3_bucket.storage_options
-    flags = [f"key={options['key']}", f"secret={options['secret']}",
-             f"client_kwargs.endpoint_url={options['client_kwargs']['endpoint_url']}"]
+    flags = option_flags(options["client_kwargs"]["endpoint_url"])
     vectors, ids = case_vectors("dot"), case_ids("dot")
     _, threshold, _, margin = CASES["dot"]
     write_dataset(s3_bucket.path("emb"), vectors, ids, fn="dot", normalized=False, storage_options=options)

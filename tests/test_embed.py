@@ -44,7 +44,7 @@ from pipeline.io.dataset import (
 from pipeline.model import load_encoder
 from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import EmbedError, run_embed
-from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, option_flags
 from tests.support.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -478,7 +478,7 @@ def test_output_under_a_file_cannot_be_written(tiny_model_dir, tmp_path) -> None
 def test_output_in_a_missing_bucket_cannot_be_written(tiny_model_dir, s3_server, tmp_path) -> None:
     corpus = write_parquet(tmp_path / "c.parquet", pa.table(good_rows(12)))
     output = "s3://no-such-bucket-embedpipe/out"
-    options = [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={s3_server.endpoint}"]
+    options = option_flags(s3_server.endpoint)
     with pytest.raises(DatasetError) as info:
         embed(tiny_model_dir, corpus, output, storage_option=options)
     assert output in str(info.value) and "cannot be written" in str(info.value)
@@ -597,7 +597,7 @@ def test_s3_to_s3_with_storage_options(ray_local, tiny_model_dir, encoder, s3_bu
     texts = make_texts(45, seed=6)
     upload_corpus(s3_bucket, texts)
     endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
-    options = [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}"]
+    options = option_flags(endpoint)
     output = s3_bucket.path("embeddings")
     summary = embed(tiny_model_dir, s3_bucket.path("corpus", "part-*"), output, storage_option=options,
                     rows_per_shard=10, progress=True)

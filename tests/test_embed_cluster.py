@@ -20,6 +20,7 @@ from pipeline.io.dataset import RECEIPTS_DIR, SUCCESS_FILE, embeddings_of, read_
 from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import run_embed
 from tests.support.faultproxy import FaultProxy
+from tests.support.s3server import option_flags
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +111,7 @@ def test_worker_node_dies_mid_job(multi_node, tiny_model_dir, s3_server, tmp_pat
         def job() -> None:
             try:
                 outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, output, cluster.address,
-                                                       storage_option=s3_server.option_flags(proxy.endpoint)), log=lambda _m: None)
+                                                       storage_option=option_flags(proxy.endpoint)), log=lambda _m: None)
             except BaseException as exc:  # reported by the main thread
                 outcome["error"] = exc
 

@@ -36,7 +36,7 @@ from pipeline.tasks.reembed import (
     latest_version_url,
     run_reembed,
 )
-from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+from tests.support.s3server import option_flags
 from tests.support.tiny_models import build_tiny_model
 
 N_ROWS = 200
@@ -336,7 +336,7 @@ def test_s3_store_concurrent_runs_new_model_and_int8_delta(first_run, second_mod
     store = s3_bucket.path("store")
     fs.put(str(local_store), store, recursive=True)
     endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
-    options = [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}"]
+    options = option_flags(endpoint)
 
     def upload(rows: list[dict]) -> None:
         sink = pa.BufferOutputStream()

@@ -38,7 +38,7 @@ from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import run_embed
 from tests.support.faultproxy import FaultProxy
 from tests.support.outputcheck import check_output, visible_parts
-from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+from tests.support.s3server import option_flags
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
     def job(endpoint: str) -> None:
         try:
             outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, f"s3://{root}", multi_node.address,
-                                                   storage_option=s3_server.option_flags(endpoint)),
+                                                   storage_option=option_flags(endpoint)),
                                            log=lambda _m: None)
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
@@ -220,8 +220,7 @@ def s3_fs(s3_server):
 def cli_command(model: Path, corpus_url: str, output_url: str, endpoint: str, address: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "embed", "--model", str(model), "--input", corpus_url,
             "--output", output_url, "--rows-per-shard", str(ROWS_PER_SHARD), "--workers", "2", "--no-progress",
-            "--ray-address", address, f"--storage-option=key={ACCESS_KEY}", f"--storage-option=secret={SECRET_KEY}",
-            f"--storage-option=client_kwargs.endpoint_url={endpoint}"]
+            "--ray-address", address, *(f"--storage-option={flag}" for flag in option_flags(endpoint))]
 
 
 def cli_env() -> dict[str, str]:

@@ -32,7 +32,7 @@ from pipeline.tasks.embed import EmbedError, run_embed
 from pipeline.tasks.mine import run_mine
 from tests.support.faultproxy import FaultProxy
 from tests.support.outputcheck import check_output
-from tests.support.s3server import ACCESS_KEY, SECRET_KEY
+from tests.support.s3server import option_flags
 
 # About one request in ten gets a fault: 5% error answers, then 3% resets, then 2.5% delays.
 TEN_PERCENT = {"error_rate": 0.05, "reset_rate": 0.03, "delay_rate": 0.025, "delay_s": 0.1}
@@ -45,10 +45,6 @@ WORDS = str.split("alpha beta gamma delta storage fault proxy retry commit shard
 def texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(n)]
-
-
-def options_for(endpoint: str, *extra: str) -> list[str]:
-    return [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}", *extra]
 
 
 class Store:
@@ -130,7 +126,7 @@ def fault_figures(job: str, proxy: FaultProxy, seconds: float) -> dict:
 @pytest.fixture(scope="module")
 def clean_embed(ray_local, tiny_model_dir, store: Store) -> str:
     """The reference: the same embed straight against the server."""
-    summary = run_embed(embed_spec(tiny_model_dir, store, "clean/embed", options_for(store.server.endpoint)),
+    summary = run_embed(embed_spec(tiny_model_dir, store, "clean/embed", option_flags(store.server.endpoint)),
                         log=lambda _m: None)
     assert summary["rows"] == 100
     return "clean/embed"
@@ -142,7 +138,7 @@ def clean_embed(ray_local, tiny_model_dir, store: Store) -> str:
 def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store, clean_embed: str) -> None:
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=11, **TEN_PERCENT) as proxy:
-        summary = run_embed(embed_spec(tiny_model_dir, store, "faulty/embed", options_for(proxy.endpoint)),
+        summary = run_embed(embed_spec(tiny_model_dir, store, "faulty/embed", option_flags(proxy.endpoint)),
                             log=lambda _m: None)
         figures = fault_figures("embed", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 5 and figures["slowdown"] + figures["internal"] > 0 and figures["reset"] > 0
@@ -159,12 +155,12 @@ def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Stor
 
 
 def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: str) -> None:
-    clean = run_dedup(dedup_spec(store, clean_embed, "clean/dedup", options_for(store.server.endpoint)),
+    clean = run_dedup(dedup_spec(store, clean_embed, "clean/dedup", option_flags(store.server.endpoint)),
                       log=lambda _m: None)
     assert clean["removed"] > 0
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=12, **TEN_PERCENT) as proxy:
-        faulty = run_dedup(dedup_spec(store, clean_embed, "faulty/dedup", options_for(proxy.endpoint)),
+        faulty = run_dedup(dedup_spec(store, clean_embed, "faulty/dedup", option_flags(proxy.endpoint)),
                            log=lambda _m: None)
         figures = fault_figures("dedup", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 3
@@ -175,11 +171,11 @@ def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: 
 
 
 def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store) -> None:
-    clean = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", options_for(store.server.endpoint)),
+    clean = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", option_flags(store.server.endpoint)),
                      log=lambda _m: None)
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=13, **TEN_PERCENT) as proxy:
-        faulty = run_mine(mine_spec(tiny_model_dir, store, "faulty/mine", options_for(proxy.endpoint)),
+        faulty = run_mine(mine_spec(tiny_model_dir, store, "faulty/mine", option_flags(proxy.endpoint)),
                           log=lambda _m: None)
         figures = fault_figures("mine", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 3
@@ -210,7 +206,7 @@ def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
     output = f"outage/{job}"
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, error_rate=1.0, seed=14) as proxy:
-        options = options_for(proxy.endpoint, NO_BOTOCORE_RETRIES)
+        options = option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES)
         code = cli.main(cli_args(job, tiny_model_dir, store, output, options, "clean/embed"))
         seconds = time.perf_counter() - started
     err = capsys.readouterr().err
@@ -238,7 +234,7 @@ def test_part_commits_failing_end_the_embed_with_no_part_visible(ray_local, tiny
 
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, error_rate=1.0, fault_filter=part_writes, seed=15) as proxy:
-        spec = embed_spec(tiny_model_dir, store, "outage/parts", options_for(proxy.endpoint, NO_BOTOCORE_RETRIES),
+        spec = embed_spec(tiny_model_dir, store, "outage/parts", option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES),
                           source="corpus/b.jsonl", max_attempts=2, workers=1)
         with pytest.raises(EmbedError) as info:
             run_embed(spec, log=lambda _m: None)

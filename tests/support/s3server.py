@@ -27,6 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def option_flags(endpoint: str, *extra: str) -> list[str]:
+    """The test server's credentials and ``endpoint`` (the server's, or a FaultProxy's in front of it) as
+    ``--storage-option KEY=VALUE`` values, plus ``extra`` ones."""
+    return [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}", f"client_kwargs.endpoint_url={endpoint}", *extra]
+
+
 class S3Server:
     """`with S3Server() as s3:` starts `moto.server` on a free port and stops it on exit.
 
@@ -53,12 +59,6 @@ class S3Server:
             "secret": SECRET_KEY,
             "client_kwargs": {"endpoint_url": self.endpoint},
         }
-
-    def option_flags(self, endpoint: str | None = None) -> list[str]:
-        """The same options as `--storage-option KEY=VALUE` values, optionally through another endpoint
-        (a FaultProxy in front of this server)."""
-        return [f"key={ACCESS_KEY}", f"secret={SECRET_KEY}",
-                f"client_kwargs.endpoint_url={endpoint or self.endpoint}"]
 
     @property
     def env(self) -> dict[str, str]:
