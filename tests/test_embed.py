@@ -532,7 +532,7 @@ def encoder_actor_ids() -> set[str]:
 def test_an_unknown_prompt_name_fails_before_any_actor_starts(ray_local, tiny_model_dir, tmp_path) -> None:
     corpus = write_parquet(tmp_path / "c.parquet", pa.table(good_rows(12)))
     before = encoder_actor_ids()
-    with pytest.raises(ValueError, match="prompt_name 'no-such-prompt' is not defined by the model"):
+    with pytest.raises(ValueError, match="prompt name 'no-such-prompt' is not defined by the model"):
         embed(tiny_model_dir, corpus, tmp_path / "out", prompt_name="no-such-prompt")
     assert encoder_actor_ids() == before
     assert_nothing_committed(tmp_path / "out")

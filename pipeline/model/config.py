@@ -90,6 +90,20 @@ class ModelConfig:
         return any(isinstance(m, NormalizeConfig) for m in self.modules)
 
 
+def choose_prompt(model: ModelConfig, prompt_name: str | None = None, prompt: str | None = None) -> str:
+    """An explicit prompt wins, then a prompt name, then the model's default prompt, else none."""
+    if prompt is not None:
+        return prompt
+    if prompt_name is not None:
+        if prompt_name not in model.prompts:
+            known = ", ".join(sorted(model.prompts)) or "none"
+            raise ValueError(f"prompt name {prompt_name!r} is not defined by the model (defined: {known})")
+        return model.prompts[prompt_name]
+    if model.default_prompt_name is not None:
+        return model.prompts[model.default_prompt_name]
+    return ""
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file; errors name the file."""
     try:

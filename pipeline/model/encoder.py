@@ -24,6 +24,7 @@ from pipeline.model.config import (
     NormalizeConfig,
     PoolingConfig,
     TransformerConfig,
+    choose_prompt,
     load_model_config,
 )
 from pipeline.model.files import fingerprint, local_model_dir
@@ -154,16 +155,7 @@ class Encoder:
 
     def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
         """An explicit prompt wins, then a prompt name, then the model's default prompt."""
-        if prompt is not None:
-            return prompt
-        if prompt_name is not None:
-            if prompt_name not in self.prompts:
-                known = ", ".join(sorted(self.prompts)) or "none"
-                raise ValueError(f"prompt name {prompt_name!r} is not defined by the model (defined: {known})")
-            return self.prompts[prompt_name]
-        if self.default_prompt_name is not None:
-            return self.prompts[self.default_prompt_name]
-        return ""
+        return choose_prompt(self.config, prompt_name, prompt)
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens the prompt occupies at the start of each text, excluding a trailing special token."""

@@ -84,9 +84,9 @@ class Transformer(nn.Module):
         # Only the inputs the model's forward takes (as sentence-transformers): a tokenizer may return
         # token_type_ids for a model that has none.
         params = inspect.signature(self.model.forward).parameters
+        inputs = {"input_ids", "attention_mask", "token_type_ids"}
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self.forward_inputs = {"input_ids", "attention_mask", "token_type_ids"} & (
-            {"input_ids", "attention_mask", "token_type_ids"} if takes_any else set(params))
+        self.forward_inputs = inputs if takes_any else inputs & set(params)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_seq_length = self.resolve_max_seq_length(config.max_seq_length)
         self.tokenizer.model_max_length = self.max_seq_length

@@ -106,13 +106,18 @@ class EncoderActor:
         return work.process(self.encoder, item, loaded, attempt)
 
 
-def start_actors(plan: ActorPlan, model: str, model_options: dict, count: int | None = None) -> list:
-    """Start the encoder actors; each asks for one GPU or its share of CPUs."""
-    remote = ray.remote(EncoderActor).options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=0)
-    actors = [remote.remote(model, model_options, plan.threads) for _ in range(count or plan.workers)]
-    if count is None:  # the job's first actors; a replacement is watched by the scheduler instead
-        wait_started(actors, "encoder actor", plan.num_cpus, plan.num_gpus)
+def start_actors(plan: ActorPlan, model: str, model_options: dict) -> list:
+    """Start the job's encoder actors, each asking for one GPU or its share of CPUs, and wait until
+    they have loaded the model."""
+    actors = [replacement_actor(plan, model, model_options) for _ in range(plan.workers)]
+    wait_started(actors, "encoder actor", plan.num_cpus, plan.num_gpus)
     return actors
+
+
+def replacement_actor(plan: ActorPlan, model: str, model_options: dict):
+    """One more encoder actor, not waited for: the scheduler watches it start (and gives it up if it never does)."""
+    remote = ray.remote(EncoderActor).options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=0)
+    return remote.remote(model, model_options, plan.threads)
 
 
 class IndexShardActor:

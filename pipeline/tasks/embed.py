@@ -36,6 +36,7 @@ from pipeline.io.dataset import (
     write_part,
 )
 from pipeline.io.storage import StorageError, parse_storage_options, redact, safe_options
+from pipeline.model.config import choose_prompt
 from pipeline.model.files import fingerprint, local_model_dir
 from pipeline.model.modules import check_model
 from pipeline.spec import EmbedSpec
@@ -233,9 +234,8 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
 
     # Model and inputs are checked on the driver, before any actor starts.
     model_dir = local_model_dir(spec.model, storage_options)
-    model_config = check_model(model_dir, spec.allow_pickle)
-    # An unknown --prompt-name fails here, before Ray and the actors start.
-    resolve_prompt(spec, {"prompts": model_config.prompts, "default_prompt_name": model_config.default_prompt_name})
+    # An unknown --prompt-name fails here, with the model's other checks, before Ray and the actors start.
+    prompt = choose_prompt(check_model(model_dir, spec.allow_pickle), spec.prompt_name, spec.prompt)
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
@@ -272,7 +272,6 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             description = {k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")}
         else:
             description = existing["model"]
-        prompt = resolve_prompt(spec, description)
         calibration = existing.get("calibration") if existing else None
         if spec.precision == "int8" and calibration is None:
             calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
@@ -314,7 +313,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
 
     def replace_actor():
-        return ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options), 1)[0]
+        return ray_actors.replacement_actor(plan, str(model_dir), model_options(spec, storage_options))
 
     try:
         stats = scheduler.run_queue(
@@ -354,19 +353,6 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     if not is_complete(output, storage_options):
         raise StorageError(f"{output}: _SUCCESS was not written")
     return summary
-
-
-def resolve_prompt(spec: EmbedSpec, description: dict) -> str:
-    if spec.prompt is not None:
-        return spec.prompt
-    prompts = description.get("prompts") or {}
-    if spec.prompt_name is not None:
-        if spec.prompt_name not in prompts:
-            raise ValueError(f"prompt_name {spec.prompt_name!r} is not defined by the model "
-                             f"(defined: {', '.join(sorted(prompts)) or 'none'})")
-        return prompts[spec.prompt_name]
-    default = description.get("default_prompt_name")
-    return prompts[default] if default else ""
 
 
 def calibrate(actor, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options) -> dict:

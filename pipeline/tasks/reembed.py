@@ -646,10 +646,10 @@ def prune(store: Store, keep: int | None, latest: str, log: Log) -> list[str]:
 
 def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
     """Bring the store up to date with the corpus; returns the summary (also in the new version's manifest)."""
-    from pipeline.model.config import parse_st_config
+    from pipeline.model.config import choose_prompt
     from pipeline.model.files import fingerprint, local_model_dir
     from pipeline.model.modules import check_model
-    from pipeline.tasks.embed import resolve_columns, resolve_prompt, run_embed, versions
+    from pipeline.tasks.embed import resolve_columns, run_embed, versions
 
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
@@ -658,10 +658,9 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
 
     # Model, prompt and columns are checked before the lock is taken or anything is read in bulk.
     model_dir = local_model_dir(spec.model, storage_options)
-    check_model(model_dir, spec.allow_pickle)
+    model_config = check_model(model_dir, spec.allow_pickle)
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
-    prompts, default_prompt_name, _ = parse_st_config(model_dir)
-    prompt = resolve_prompt(spec, {"prompts": prompts, "default_prompt_name": default_prompt_name})
+    prompt = choose_prompt(model_config, spec.prompt_name, spec.prompt)
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
     columns = resolve_columns(spec, schemas)
