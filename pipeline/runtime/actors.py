@@ -14,58 +14,17 @@ from typing import Any, Protocol
 
 import ray
 
-from pipeline.runtime.cluster import ActorPlan, describe_resources
-
-DEFAULT_START_TIMEOUT_S = 600.0
-
-
-class ActorStartTimeout(RuntimeError):
-    """Actors that the cluster could not place (or construct) in time."""
-
-
-class ActorInitError(RuntimeError):
-    """An actor's constructor raised: the model or the data it loads is bad (not a lost worker)."""
-
-
-def init_error(exc: Exception) -> str:
-    """The message of the exception an actor's constructor raised (Ray wraps it in its traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    last = lines[-1] if lines else str(exc)
-    name, sep, message = last.partition(": ")
-    return message if sep and name.replace(".", "").replace("_", "").isalnum() else last
-
-
-def start_timeout_s() -> float:
-    """How long an actor may take to be placed and load its model (``EMBEDPIPE_ACTOR_START_TIMEOUT_S``):
-    long enough for an autoscaler to add a node, short enough that a job never hangs for good."""
-    return float(os.environ.get("EMBEDPIPE_ACTOR_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
-
-
-def wait_started(actors: Sequence, what: str, num_cpus: float, num_gpus: float) -> None:
-    """Return once every actor is constructed; raise ActorInitError with the cause if a constructor
-    failed, ActorStartTimeout naming what they ask for if the cluster cannot place them. Either way the
-    actors are stopped, so they hold no CPU or GPU after the error."""
-    from ray.exceptions import RayActorError
-
-    refs = [actor.__ray_ready__.remote() for actor in actors]
-    timeout = start_timeout_s()
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
-    try:
-        ray.get(ready)
-    except RayActorError as exc:
-        for actor in actors:
-            ray.kill(actor)
-        if getattr(exc, "actor_init_failed", False):
-            raise ActorInitError(f"{what} could not start: {init_error(exc)}") from None
-        raise
-    if pending:
-        for actor in actors:
-            ray.kill(actor)
-        raise ActorStartTimeout(
-            f"{len(pending)} of {len(actors)} {what}(s) did not start within {timeout:g}s: each asks for "
-            f"{num_cpus:g} CPU and {num_gpus:g} GPU and the cluster has {describe_resources()}; use fewer "
-            "--workers, add nodes, or raise EMBEDPIPE_ACTOR_START_TIMEOUT_S"
-        )
+from pipeline.runtime.cluster import ActorPlan
+from pipeline.runtime.pool import (  # noqa: F401  (re-exported: their home was here)
+    DEFAULT_START_TIMEOUT_S,
+    ActorInitError,
+    ActorPool,
+    ActorStartTimeout,
+    Ticket,
+    init_error,
+    start_timeout_s,
+    wait_started,
+)
 
 
 class ShardWork(Protocol):
@@ -94,7 +53,15 @@ class EncoderActor:
     def encode(self, texts: list[str], prompt: str | None = None) -> Any:
         return self.encoder.encode(texts, prompt=prompt)
 
-    def run(self, work: ShardWork, key: Any, item: Any, attempt: int, lookahead: tuple[Any, Any] | None) -> dict:
+    def encode_counted(self, texts: list[str], prompt: str | None = None) -> tuple[int, Any]:
+        """(rows, vectors). Called with ``.options(num_returns=2)``, the driver learns that a chunk is
+        done (or failed) from the small first value while the vectors stay in the object store."""
+        vectors = self.encode(texts, prompt)
+        return len(vectors), vectors
+
+    def run(
+        self, work: ShardWork, key: Any, item: Any, attempt: int, lookahead: tuple[Any, Any] | None
+    ) -> dict:
         """Process ``item``; start loading ``lookahead`` so it is ready when it is handed over."""
         future = self.pending.pop(key, None)
         for stale in list(self.pending):
@@ -106,16 +73,38 @@ class EncoderActor:
         return work.process(self.encoder, item, loaded, attempt)
 
 
+def encoder_pool(plan: ActorPlan, model: str, model_options: dict, **kwargs: Any) -> ActorPool:
+    """The job's encoder actors (not started yet: use ``with encoder_pool(...) as pool``), each asking
+    for one GPU or its share of CPUs; ``kwargs`` go to ``ActorPool``."""
+    return ActorPool(
+        lambda slot: replacement_actor(plan, model, model_options),
+        plan.workers,
+        what="encoder actor",
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        **kwargs,
+    )
+
+
+def run_shards(work: ShardWork):
+    """``submit`` for ``ActorPool.run_queue`` on encoder actors: ``EncoderActor.run`` with the next
+    shard as look-ahead."""
+
+    def submit(actor: Any, ticket: Ticket, following: Ticket | None) -> ray.ObjectRef:
+        lookahead = None if following is None else (following.key, following.item)
+        return actor.run.remote(work, ticket.key, ticket.item, ticket.attempt, lookahead)
+
+    return submit
+
+
 def start_actors(plan: ActorPlan, model: str, model_options: dict) -> list:
     """Start the job's encoder actors, each asking for one GPU or its share of CPUs, and wait until
-    they have loaded the model."""
-    actors = [replacement_actor(plan, model, model_options) for _ in range(plan.workers)]
-    wait_started(actors, "encoder actor", plan.num_cpus, plan.num_gpus)
-    return actors
+    they have loaded the model. (Prefer ``encoder_pool``, which also replaces and releases them.)"""
+    return encoder_pool(plan, model, model_options).start().actors
 
 
 def replacement_actor(plan: ActorPlan, model: str, model_options: dict):
-    """One more encoder actor, not waited for: the scheduler watches it start (and gives it up if it never does)."""
+    """One more encoder actor, not waited for: the pool watches it start (and gives it up if it never does)."""
     remote = ray.remote(EncoderActor).options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=0)
     return remote.remote(model, model_options, plan.threads)
 
@@ -149,14 +138,22 @@ class IndexShardActor:
         for start, rows in runs:
             self.runs.append((start, local, rows))
             local += rows
-        self.global_rows = np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, _, n in self.runs]
-                                          or [np.zeros(0, np.int64)])
+        self.global_rows = np.concatenate(
+            [np.arange(a, a + n, dtype=np.int64) for a, _, n in self.runs] or [np.zeros(0, np.int64)]
+        )
 
     def size(self) -> int:
         return len(self.vectors)
 
-    def pairs(self, queries: Any, query_offset: int, fn: str, threshold: float, block_size: int,
-              upper_only: bool = True) -> tuple:
+    def pairs(
+        self,
+        queries: Any,
+        query_offset: int,
+        fn: str,
+        threshold: float,
+        block_size: int,
+        upper_only: bool = True,
+    ) -> tuple:
         """Pairs (i, j, score) with score >= threshold between the queries and this slice."""
         import numpy as np
         import torch
@@ -164,9 +161,20 @@ class IndexShardActor:
         from pipeline.compute.knn import range_pairs
 
         q = torch.tensor(queries).to(self.device)
-        found = [range_pairs(q, self.vectors[local : local + rows], fn, threshold, query_offset=query_offset,
-                             corpus_offset=start, block_size=block_size, upper_only=upper_only)
-                 for start, local, rows in self.runs if not (upper_only and start + rows <= query_offset + 1)]
+        found = [
+            range_pairs(
+                q,
+                self.vectors[local : local + rows],
+                fn,
+                threshold,
+                query_offset=query_offset,
+                corpus_offset=start,
+                block_size=block_size,
+                upper_only=upper_only,
+            )
+            for start, local, rows in self.runs
+            if not (upper_only and start + rows <= query_offset + 1)
+        ]
         if len(found) == 1:
             return found[0]
         if not found:
@@ -182,8 +190,10 @@ class IndexShardActor:
         from pipeline.compute.knn import merge_topk, topk
 
         q = torch.tensor(queries).to(self.device)
-        parts = [topk(q, self.vectors[local : local + rows], fn, k, corpus_offset=start, block_size=block_size)
-                 for start, local, rows in self.runs]
+        parts = [
+            topk(q, self.vectors[local : local + rows], fn, k, corpus_offset=start, block_size=block_size)
+            for start, local, rows in self.runs
+        ]
         scores, indices = parts[0] if len(parts) == 1 else merge_topk(parts, k)
         return scores.cpu(), indices.cpu()
 
@@ -252,9 +262,20 @@ class IndexShardActor:
         return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
 
 
+def index_pool(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float, **kwargs: Any) -> ActorPool:
+    """One IndexShardActor per (loader, offset or runs) slice (not started yet: use ``with``); a lost
+    one is re-created from the same slice. ``kwargs`` go to ``ActorPool``."""
+    return ActorPool.of(
+        IndexShardActor,
+        len(loaders),
+        lambda slot: (loaders[slot][0], loaders[slot][1], max(1, int(num_cpus))),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        what="index actor",
+        **kwargs,
+    )
+
+
 def start_index_actors(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float) -> list:
-    """One IndexShardActor per (loader, offset or runs) slice."""
-    remote = ray.remote(IndexShardActor).options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
-    actors = [remote.remote(loader, offset, max(1, int(num_cpus))) for loader, offset in loaders]
-    wait_started(actors, "index actor", num_cpus, num_gpus)
-    return actors
+    """One IndexShardActor per (loader, offset or runs) slice, started. (Prefer ``index_pool``.)"""
+    return index_pool(loaders, num_gpus, num_cpus).start().actors

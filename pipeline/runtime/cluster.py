@@ -67,4 +67,6 @@ def describe_resources() -> str:
     """What the cluster has free, for errors about actors that cannot be placed."""
     free = ray.available_resources()
     total = ray.cluster_resources()
-    return ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU"))
+    return ", ".join(
+        f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU")
+    )
