@@ -30,18 +30,34 @@ def score_error(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
     min(e2 / d, sqrt(e2)) at distance d (large near d = 0: the cancellation), plus eps32 * d for the
     final rounding. A direct sum over (a - b)^2 is within this bound too.
     """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, np.shape(a)[-1])
-    b = np.asarray(b, dtype=np.float64).reshape(-1, np.shape(b)[-1])
-    k = sum_error(a.shape[1])
+    a, b = _rows(a), _rows(b)
+    diff = a[:, None, :] - b[None, :, :] if fn == "euclidean" else None
+    return _bound(a[:, None, :], b[None, :, :], diff, fn)
+
+
+def pairwise_score_error(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
+    """The bound of :func:`score_error` for row i of ``a`` against row i of ``b`` only (length n)."""
+    a, b = _rows(a), _rows(b)
+    return _bound(a, b, a - b, fn)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+
+
+def _bound(a: np.ndarray, b: np.ndarray, diff: np.ndarray | None, fn: str) -> np.ndarray:
+    """The bounds for ``a`` and ``b`` broadcast against each other (the last axis is the dimension)."""
+    k = sum_error(a.shape[-1])
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     if fn == "cosine":
-        return np.full((len(a), len(b)), k)
+        return np.full(shape, k)
     if fn == "dot":
-        return k * np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+        return k * np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     if fn == "manhattan":
-        return k * (np.abs(a).sum(1)[:, None] + np.abs(b).sum(1)[None, :])
+        return k * (np.abs(a).sum(-1) + np.abs(b).sum(-1))
     if fn == "euclidean":
-        e2 = k * ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :])
-        d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+        e2 = k * ((a * a).sum(-1) + (b * b).sum(-1))
+        d = np.sqrt((diff * diff).sum(-1))
         with np.errstate(divide="ignore"):
             spread = np.minimum(np.where(d > 0, e2 / np.maximum(d, 1e-300), np.inf), np.sqrt(e2))
         return spread + EPS32 * d
