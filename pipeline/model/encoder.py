@@ -15,23 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.model.config import (
-    DenseConfig,
-    ModelConfig,
-    ModelConfigError,
-    NormalizeConfig,
-    PoolingConfig,
-    TransformerConfig,
-    choose_prompt,
-    load_model_config,
-)
+from pipeline.model.config import ModelConfig, ModelConfigError, choose_prompt, load_model_config
 from pipeline.model.files import fingerprint, local_model_dir
-from pipeline.model.modules import Dense, Normalize, Pooling, Transformer
+from pipeline.model.modules import LoadContext, Module, ModuleChain, Transformer
 from pipeline.model.similarity import similarity
 
-DEFAULT_CPU_BATCH_TOKENS = 4096  # bench/encode.py on a quiet 2-core machine: 4,096 beat 8,192 at 1 and 2 threads
+# bench/encode.py on a quiet 2-core machine: 4,096 beat 8,192 at 1 and 2 threads
+DEFAULT_CPU_BATCH_TOKENS = 4096
 DEFAULT_GPU_BATCH_TOKENS = 65536
 
 
@@ -100,16 +92,16 @@ class Encoder:
         self.name = name or config.root.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.autocast_dtype = resolve_autocast(self.device, dtype)
-        modules: list[nn.Module] = []
-        for module_config in config.modules:
-            modules.append(build_module(module_config, allow_pickle))
-        self.transformer: Transformer = modules[0]  # type: ignore[assignment]
-        if config.pooling is None:
-            raise ModelConfigError(f"{config.root / 'modules.json'}: no Pooling module, so no sentence embedding")
-        self.chain = nn.Sequential(*modules).to(self.device).eval()
+        if not any(spec.module_class.creates_sentence_embedding for spec in config.modules):
+            raise ModelConfigError(
+                f"{config.root / 'modules.json'}: no Pooling module, so no sentence embedding"
+            )
+        context = LoadContext(allow_pickle=allow_pickle)
+        self.chain = ModuleChain(spec.load(context) for spec in config.modules).to(self.device).eval()
+        self.transformer: Transformer = self.chain[0]  # type: ignore[assignment]  # the input module
         self.tokenizer = self.transformer.tokenizer
         self.max_seq_length = self.transformer.max_seq_length
-        self.full_dim = output_dim(config)
+        self.full_dim = self.chain.output_dim()
         if truncate_dim is not None and not 0 < truncate_dim <= self.full_dim:
             raise ValueError(f"truncate_dim must be between 1 and {self.full_dim}, got {truncate_dim}")
         self.truncate_dim = truncate_dim
@@ -138,6 +130,7 @@ class Encoder:
             "name": self.name,
             "path": str(self.config.root),
             "modules": [type(m).__name__ for m in self.chain],
+            "module_settings": [self.module_settings(m) for m in self.chain],
             "pooling": list(self.pooling_modes),
             "include_prompt": self.config.pooling.include_prompt if self.config.pooling else True,
             "normalized": self.normalized,
@@ -150,6 +143,11 @@ class Encoder:
             "similarity_fn_name": self.similarity_fn_name,
             "fingerprint": self.fingerprint,
         }
+
+    def module_settings(self, module: Module) -> dict:
+        """One module's type, folder (relative to the model directory) and own settings."""
+        folder = os.path.relpath(module.config.path.resolve(), Path(self.config.root).resolve())
+        return {"type": type(module).__name__, "path": Path(folder).as_posix(), **module.describe()}
 
     # -- prompts and tokens --------------------------------------------------------------------
 
@@ -246,12 +244,13 @@ class Encoder:
             self.counters.batches += 1
             yield indices, vectors
 
-    def forward(self, batch: dict[str, Tensor], prompt_length: int = 0) -> np.ndarray:
+    def forward(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> np.ndarray:
+        """One padded batch through the modules; ``module_kwargs`` (a route, say) reach the modules taking them."""
         features: dict = dict(batch)
         if prompt_length:
             features["prompt_length"] = prompt_length
         with torch.inference_mode(), self.autocast():
-            features = self.chain(features)
+            features = self.chain(features, **module_kwargs)
         vectors = features["sentence_embedding"].float()
         if self.truncate_dim:
             vectors = vectors[:, : self.truncate_dim]
@@ -278,28 +277,6 @@ def resolve_autocast(device: torch.device, dtype: str) -> torch.dtype | None:
     raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
 
 
-def build_module(config, allow_pickle: bool) -> nn.Module:
-    if isinstance(config, TransformerConfig):
-        return Transformer(config, allow_pickle)
-    if isinstance(config, PoolingConfig):
-        return Pooling(config)
-    if isinstance(config, DenseConfig):
-        return Dense(config, allow_pickle)
-    if isinstance(config, NormalizeConfig):
-        return Normalize(config)
-    raise TypeError(f"unsupported module config {config!r}")
-
-
-def output_dim(config: ModelConfig) -> int:
-    dim = 0
-    for module in config.modules:
-        if isinstance(module, PoolingConfig):
-            dim = module.embedding_dimension * len(module.modes)
-        elif isinstance(module, DenseConfig):
-            dim = module.out_features
-    return dim
-
-
 def load_encoder(
     path_or_url: str | os.PathLike,
     device: str | None = None,
@@ -313,4 +290,6 @@ def load_encoder(
     root = local_model_dir(path_or_url, storage_options)
     config = load_model_config(root)
     name = Path(os.fspath(path_or_url).rstrip("/")).name or root.name
-    return Encoder(config, device=device, truncate_dim=truncate_dim, allow_pickle=allow_pickle, name=name, dtype=dtype)
+    return Encoder(
+        config, device=device, truncate_dim=truncate_dim, allow_pickle=allow_pickle, name=name, dtype=dtype
+    )

@@ -1,6 +1,7 @@
-"""Model files: fetch a model directory from any fsspec URL into a local cache, and fingerprint it.
+"""Model files: fetch a model directory from any fsspec URL into a local cache, fingerprint it, read its JSON.
 
 The fingerprint is what makes outputs comparable: two runs that agree on it produce the same vectors.
+Every file error is a ModelConfigError whose message starts with the file's path.
 """
 
 from __future__ import annotations
@@ -11,8 +12,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 IGNORED_FILES = {"README.md", ".gitattributes"}
+
+
+class ModelConfigError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and the problem."""
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; errors name the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
 def cache_root() -> Path:
