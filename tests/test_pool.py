@@ -36,6 +36,9 @@ def toy_classes() -> tuple[type, type]:
                 raise ValueError(f"item {key} attempt {attempt}")
             return {"key": key, "item": item, "attempt": attempt, "pid": os.getpid(), "following": following}
 
+        def counted(self, n: int) -> tuple[int, list[int]]:
+            return n, list(range(n))
+
         def die(self) -> None:
             os._exit(1)
 
@@ -123,6 +126,17 @@ def test_retries_and_failing_items(ray_local) -> None:
         )
         assert sorted(results) == list(range(8)) and results[3]["attempt"] == 2
         assert stats.retried == 1 and stats.actors_replaced == 0 and "item 3 attempt 1" in stats.errors[0]
+
+        # Several returns: only the first is fetched, the others come as refs (mine's encoded vectors).
+        got: dict = {}
+        pool.run_queue(
+            [(n, n) for n in range(1, 5)],
+            lambda actor, ticket, following: actor.counted.options(num_returns=2).remote(ticket.item),
+            on_result=lambda key, item, result: got.setdefault(key, result),
+            lookahead=False,
+        )
+        assert sorted(got) == [1, 2, 3, 4] and all(got[n][0] == n for n in got)
+        assert all(isinstance(got[n][1], ray.ObjectRef) and ray.get(got[n][1]) == list(range(n)) for n in got)
 
         with pytest.raises(ShardFailed, match="shard 5 failed after 3 attempt") as caught:
             pool.run_queue([(i, i) for i in range(8)], run_item({5: None}), on_result=lambda *a: None)
