@@ -1,9 +1,10 @@
 """Read a sentence-transformers model directory: its module list and its model-level settings.
 
 ``modules.json`` lists the modules; each entry's "type" picks a module class from the registry
-(pipeline/model/modules/registry.py) and that class reads its own folder. ``config_sentence_transformers.json``
-holds the prompts and the similarity function. A directory without ``modules.json`` is a plain Hugging
-Face model: Transformer + mean pooling. Nothing here loads weights or imports code from the model.
+(pipeline/model/modules/registry.py) and that class reads its own folder.
+``config_sentence_transformers.json`` holds the prompts and the similarity function. A directory
+without ``modules.json`` is a plain Hugging Face model: Transformer + mean pooling. Nothing here loads
+weights or imports code from the model.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ class Encoder:
             yield indices, vectors
 
     def forward(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> np.ndarray:
-        """One padded batch through the modules; ``module_kwargs`` (a route, say) reach the modules taking them."""
+        """One padded batch through the modules; ``module_kwargs`` (a route) reach the modules that take them."""
         features: dict = dict(batch)
         if prompt_length:
             features["prompt_length"] = prompt_length

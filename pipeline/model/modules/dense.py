@@ -108,7 +108,7 @@ def is_torch_nn_module_class(name: str) -> bool:
 
 
 def check_builds_without_arguments(class_name: str, where: Path) -> None:
-    """sentence-transformers builds the activation with no arguments; a class that needs some is refused here."""
+    """sentence-transformers builds the activation without arguments; a class that needs some is refused."""
     try:
         getattr(nn, class_name)()
     except TypeError as exc:
