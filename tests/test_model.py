@@ -473,6 +473,98 @@ def test_unknown_module_type(broken: Path) -> None:
     )
 
 
+def test_known_class_name_outside_sentence_transformers_is_refused(broken: Path) -> None:
+    # Only the registry's type strings load: sentence-transformers itself would import this class (and
+    # refuses to without trust_remote_code), so a matching class name is not enough.
+    edit_json(broken / "modules.json", lambda m: m[1].update(type="mypkg.models.Pooling"))
+    expect_config_error(broken, str(broken / "modules.json"), "unknown module type", "'mypkg.models.Pooling'")
+
+
+# -- module registry ------------------------------------------------------------------------------
+
+
+def test_registry_keys_are_sentence_transformers_names() -> None:
+    # Every type string we accept is one sentence-transformers 6.2 resolves, to the class of the same name.
+    from sentence_transformers.util.misc import import_from_string
+
+    from pipeline.model.modules import MODULE_CLASSES, MODULE_TYPES
+
+    assert set(MODULE_TYPES.values()) == set(MODULE_CLASSES)
+    for type_name, cls in MODULE_TYPES.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert import_from_string(type_name).__name__ == cls.__name__, type_name
+
+
+# modules.json "type" strings as each sentence-transformers release wrote them (the tiny models have 6.x's).
+RELEASE_TYPE_NAMES = {
+    "<=5.3": {
+        "Transformer": "sentence_transformers.models.Transformer",
+        "Pooling": "sentence_transformers.models.Pooling",
+        "Dense": "sentence_transformers.models.Dense",
+        "Normalize": "sentence_transformers.models.Normalize",
+    },
+    "5.4-5.7": {
+        "Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+        "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+        "Dense": "sentence_transformers.base.modules.dense.Dense",
+        "Normalize": "sentence_transformers.sentence_transformer.modules.normalize.Normalize",
+    },
+}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASE_TYPE_NAMES))
+def test_older_module_type_names(tiny: Callable[..., Path], tmp_path: Path, release: str) -> None:
+    path = tmp_path / "older-types"
+    shutil.copytree(tiny(pooling="mean", dense=[DenseSpec(8, "Tanh")]), path)
+    names = RELEASE_TYPE_NAMES[release]
+    edit_json(path / "modules.json", lambda m: [e.update(type=names[e["type"].rsplit(".", 1)[-1]]) for e in m])
+    _, ours, _ = assert_parity(path)
+    loaded = [m["type"] for m in ours.describe()["module_settings"]]
+    assert loaded == ["Transformer", "Pooling", "Dense", "Normalize"]
+
+
+def test_module_chain_passes_only_declared_keywords() -> None:
+    # A route (task="query") reaches the modules that declare it, and no other.
+    from pipeline.model.modules import Module, ModuleChain, ModuleConfig
+
+    class Recorder(Module):
+        def forward(self, features, **kwargs):
+            features.setdefault("seen", []).append(kwargs)
+            return features
+
+    class Routed(Recorder):
+        forward_kwargs = frozenset({"task"})
+
+    config = ModuleConfig(path=Path("."))
+    chain = ModuleChain([Recorder(config), Routed(config)])
+    assert chain({}, task="query", other=1)["seen"] == [{}, {"task": "query"}]
+
+
+def test_first_transformer_config_with_content_wins(tiny: Callable[..., Path], tmp_path: Path) -> None:
+    # As sentence-transformers: an empty sentence_bert_config.json does not hide an older-named file.
+    path = tmp_path / "empty-first"
+    shutil.copytree(tiny(pooling="mean", legacy_max_seq_length=24), path)
+    (path / "sentence_bert_config.json").rename(path / "sentence_distilbert_config.json")
+    (path / "sentence_bert_config.json").write_text("{}")
+    _, ours, theirs = assert_parity(path)
+    assert ours.max_seq_length == theirs.max_seq_length == 24
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value"),
+    [
+        ("2_Dense/config.json", "in_features", "many"),
+        ("2_Dense/config.json", "out_features", 0),
+        ("sentence_bert_config.json", "max_seq_length", "long"),
+        ("1_Pooling/config.json", "embedding_dimension", -3),
+    ],
+)
+def test_invalid_config_values_name_file_and_key(broken: Path, file: str, key: str, value: Any) -> None:
+    edit_json(broken / file, lambda c: c.update({key: value}))
+    expect_config_error(broken, str(broken / file), key)
+
+
 def test_missing_transformer_weights(broken: Path) -> None:
     (broken / "model.safetensors").unlink()
     expect_config_error(broken, str(broken), "no model weights", "model.safetensors")
