@@ -1,13 +1,16 @@
-"""Normalize: L2 normalization of the sentence embedding (no config keys, often no folder at all)."""
+"""Normalize: L2 normalization of the sentence embedding.
+
+No config is read (sentence-transformers >= 6 may write module_input_name / module_output_name, both
+"sentence_embedding" for a dense model), and the folder is often absent.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
 
-from pipeline.model.modules.base import Features, Module, ModuleConfig
+from pipeline.model.modules.base import Features, Module
 
 
 class Normalize(Module):
@@ -20,13 +23,6 @@ class Normalize(Module):
         "sentence_transformers.base.modules.Normalize",  # the import paths of >= 5.4
         "sentence_transformers.sentence_transformer.modules.Normalize",
     )
-
-    @classmethod
-    def read_config(cls, folder: Path) -> ModuleConfig:
-        return ModuleConfig(path=folder)
-
-    def describe(self) -> dict[str, Any]:
-        return {}
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
         features["sentence_embedding"] = F.normalize(features["sentence_embedding"], p=2, dim=1)
