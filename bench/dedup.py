@@ -143,7 +143,8 @@ def bench_search(rows: int, threshold: float, threads: int, block_size: int, rep
 def build_dataset(root: Path, rows: int, part_rows: int) -> None:
     import pyarrow as pa
 
-    from pipeline.io.dataset import finalize, quantize, write_part
+    from pipeline.io.dataset import quantize, write_embedding_part
+    from pipeline.io.output import OutputFolder
 
     x, _ = planted(rows, seed=1)
     meta = {"model": "synthetic", "model_name": "synthetic", "fingerprint": "bench", "pooling": ["mean"],
@@ -153,8 +154,9 @@ def build_dataset(root: Path, rows: int, part_rows: int) -> None:
     for parts, start in enumerate(range(0, rows, part_rows)):
         block = x[start : start + part_rows]
         ids = pa.array([f"row-{r}" for r in range(start, start + len(block))])
-        write_part(str(root), None, parts, pa.table({"id": ids, "embedding": quantize(block, "float32")}), meta)
-    finalize(str(root), None, list(range(parts + 1)), {"metadata": meta})
+        write_embedding_part(OutputFolder(str(root)), parts, pa.table({"id": ids, "embedding": quantize(block, "float32")}),
+                             meta)
+    OutputFolder(str(root)).finish({"metadata": meta}, expected={"": list(range(parts + 1))})
 
 
 class RayMemoryPoller:

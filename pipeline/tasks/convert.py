@@ -27,17 +27,9 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.io.dataset import PLAN_FILE, SUCCESS_FILE, join
-from pipeline.io.storage import (
-    TEMP_PREFIX,
-    commit_bytes,
-    filesystem,
-    parse_storage_options,
-    redact,
-    with_retries,
-)
+from pipeline.io.output import PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, OutputFolder, part_name, receipt_path
+from pipeline.io.storage import TEMP_PREFIX, parse_storage_options, redact
 from pipeline.io.training_formats import to_labeled_pair, to_triplet
 from pipeline.spec import ConvertSpec
 
@@ -50,36 +42,29 @@ def _base(name: str) -> str:
     return posixpath.basename(name.rstrip("/"))
 
 
-def input_files(url: str, storage_options: dict) -> tuple[object, list[str]]:
-    """(filesystem, the Parquet files to read in order) for a file or a folder of parts."""
-    fs, path = filesystem(url, storage_options)
-    if not with_retries(lambda: fs.exists(path), what=url):
+def input_files(url: str, storage_options: dict) -> tuple[OutputFolder, list[str]]:
+    """(the folder, the Parquet files in it to read in order) for a file or a folder of parts."""
+    folder = OutputFolder(url, storage_options)
+    if not folder.exists():
         raise ConvertError(f"{url}: not found")
-    if not with_retries(lambda: fs.isdir(path), what=url):
-        return fs, [path]
-    names = [n for n in with_retries(lambda: fs.ls(path, detail=False), what=url) if _base(n) != _base(path)]
-    bases = {_base(n) for n in names}
+    if not folder.is_folder():
+        return OutputFolder(posixpath.dirname(url.rstrip("/")) or ".", storage_options), [_base(url)]
+    bases = set(folder.list())
     if PLAN_FILE in bases and SUCCESS_FILE not in bases:
         raise ConvertError(f"{url}: an incomplete embedpipe output (no {SUCCESS_FILE}); finish or re-run the job first")
-    files = [n for n in names if _base(n).startswith("part-") and _base(n).endswith(".parquet")]
+    files = [n for n in bases if n.startswith("part-") and n.endswith(".parquet")]
     if not files:
-        files = [n for n in names if _base(n).endswith(".parquet") and not _base(n).startswith(("_", "."))]
+        files = [n for n in bases if n.endswith(".parquet") and not n.startswith(("_", "."))]
     if not files:
         raise ConvertError(f"{url}: no Parquet files (part-*.parquet) in the folder")
-    return fs, sorted(files, key=lambda n: (len(_base(n)), _base(n)))
+    return folder, sorted(files, key=lambda n: (len(n), n))
 
 
-def _schema(fs, path: str, url: str) -> pa.Schema:
+def _schema(folder: OutputFolder, name: str, url: str) -> pa.Schema:
     try:
-        with fs.open(path, "rb") as handle:
-            return pq.read_schema(handle)
+        return folder.read_schema(name)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ConvertError(redact(f"{url}: {_base(path)} is not a readable Parquet file ({exc})")) from None
-
-
-def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    data = with_retries(lambda: fs.cat_file(path), what=path)
-    return pq.read_table(pa.BufferReader(data), columns=columns)
+        raise ConvertError(redact(f"{url}: {name} is not a readable Parquet file ({exc})")) from None
 
 
 def check_columns(schema: pa.Schema, spec: ConvertSpec, where: str) -> tuple[str, str]:
@@ -106,22 +91,22 @@ def check_columns(schema: pa.Schema, spec: ConvertSpec, where: str) -> tuple[str
     return anchor, positive
 
 
-def prepare_output(url: str, storage_options: dict, inputs: list[str], fs_in) -> tuple[object, str, list[str]]:
-    """The output filesystem and path, and leftover parts of an interrupted run (removed at the end)."""
-    fs, path = filesystem(url, storage_options)
-    if fs is fs_in and path.rstrip("/") in {p.rstrip("/") for p in inputs} | {posixpath.dirname(inputs[0])}:
-        raise ConvertError(f"{url}: the output must not be the input")
-    if not with_retries(lambda: fs.exists(path), what=url):
-        return fs, path, []
-    if not with_retries(lambda: fs.isdir(path), what=url):
-        raise ConvertError(f"{url}: exists and is not a folder")
-    names = [_base(n) for n in with_retries(lambda: fs.ls(path, detail=False), what=url) if _base(n) != _base(path)]
+def prepare_output(output: OutputFolder, source: OutputFolder, inputs: list[str]) -> list[str]:
+    """Check the output folder; returns the leftover parts of an interrupted run (removed at the end)."""
+    if output.url in {source.url_of(name) for name in inputs} | {source.url}:
+        raise ConvertError(f"{output.url}: the output must not be the input")
+    if not output.exists():
+        return []
+    if not output.is_folder():
+        raise ConvertError(f"{output.url}: exists and is not a folder")
+    names = list(output.list())
     if SUCCESS_FILE in names:
-        raise ConvertError(f"{url}: already holds a complete output; remove it or choose another output")
-    others = [n for n in names if not (n.startswith("part-") and n.endswith(".parquet")) and not n.startswith(TEMP_PREFIX)]
+        raise ConvertError(f"{output.url}: already holds a complete output; remove it or choose another output")
+    others = [n for n in names if not (n.startswith("part-") and n.endswith(".parquet"))
+              and not n.startswith(TEMP_PREFIX) and n != RECEIPTS_DIR]
     if others:
-        raise ConvertError(f"{url}: the output folder is not empty (has {', '.join(sorted(others)[:5])})")
-    return fs, path, [n for n in names if n.startswith("part-")]
+        raise ConvertError(f"{output.url}: the output folder is not empty (has {', '.join(sorted(others)[:5])})")
+    return [n for n in names if n.startswith("part-")]
 
 
 def run_convert(spec: ConvertSpec, log=None) -> dict:
@@ -129,52 +114,48 @@ def run_convert(spec: ConvertSpec, log=None) -> dict:
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
     storage_options = parse_storage_options(spec.storage_option)
-    fs_in, files = input_files(spec.input, storage_options)
+    source, files = input_files(spec.input, storage_options)
 
     # Check every part before writing anything.
-    schemas = [_schema(fs_in, f, spec.input) for f in files]
+    schemas = [_schema(source, f, spec.input) for f in files]
     first = schemas[0].remove_metadata()
     for f, schema in zip(files, schemas, strict=True):
         if schema.remove_metadata() != first:
-            raise ConvertError(f"{spec.input}: {_base(f)} has another schema than {_base(files[0])} "
+            raise ConvertError(f"{spec.input}: {f} has another schema than {files[0]} "
                                f"({schema.remove_metadata()} vs {first})")
     anchor, positive = check_columns(first, spec, spec.input)
     owner: dict = {}
     local = True
     for number, f in enumerate(files):
         columns = [anchor] + (["label"] if spec.to == "triplet" else [])
-        table = _read(fs_in, f, columns)
+        table = source.read_table(f, columns)
         if spec.to == "triplet":
             bad = [v for v in pc.unique(table.column("label")).to_pylist() if v not in (0, 1)]
             if bad:
-                raise ConvertError(f"{spec.input}: {_base(f)}: labels must be 0 or 1, found {sorted(bad, key=repr)[:5]}")
+                raise ConvertError(f"{spec.input}: {f}: labels must be 0 or 1, found {sorted(bad, key=repr)[:5]}")
         for value in pc.unique(table.column(anchor)).to_pylist():
             if owner.setdefault(value, number) != number:
                 local = False
-    fs_out, out_path, leftovers = prepare_output(spec.output, storage_options, files, fs_in)
+    output = OutputFolder(spec.output, storage_options)
+    leftovers = prepare_output(output, source, files)
 
     convert = to_labeled_pair if spec.to == "labeled-pair" else to_triplet
     groups = [[f] for f in files] if local else [files]
     rows_in = rows_out = 0
     written = []
     for number, group in enumerate(groups):
-        table = pa.concat_tables([_read(fs_in, f) for f in group])
+        table = pa.concat_tables([source.read_table(f) for f in group])
         try:
             converted = convert(table, anchor, positive)
         except ValueError as exc:
             raise ConvertError(f"{spec.input}: {exc}") from None
-        sink = pa.BufferOutputStream()
-        pq.write_table(converted, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        name = f"part-{number:05d}.parquet"
-        target = join(out_path, name)
-        with_retries(lambda target=target, data=data: commit_bytes(fs_out, target, data), what=join(spec.output, name))
-        written.append(name)
+        written.append(output.commit_part(part_name(number), number, converted))
         rows_in += table.num_rows
         rows_out += converted.num_rows
-    for name in sorted(set(leftovers) - set(written)):
-        with_retries(lambda name=name: fs_out.rm_file(join(out_path, name)), what=join(spec.output, name))
-    with_retries(lambda: commit_bytes(fs_out, join(out_path, SUCCESS_FILE), b""), what=join(spec.output, SUCCESS_FILE))
+    for name in sorted(set(leftovers) - {r.part for r in written}):
+        output.remove(name)
+        output.remove(receipt_path(name))
+    output.finish({"job": "convert", "to": spec.to}, parts=written)
     summary = {
         "input": redact(spec.input), "output": redact(spec.output.rstrip("/")), "to": spec.to,
         "anchor_column": anchor, "positive_column": positive, "columns": converted.schema.names,

@@ -1,0 +1,346 @@
+"""One job output: an `OutputFolder` owns every byte a job writes under its output URL, and how.
+
+Every job (embed, dedup, mine, reembed) has the same lifecycle, in the spirit of Ray Data's Datasink:
+
+1. **claim**: `_plan.json` records the job kind and a key over everything that decides the result. The
+   same key resumes; another key is refused (naming the job that made it), or with `--overwrite` the
+   job's own files are removed, `_SUCCESS` first.
+2. **commit parts**: a part is written under a temporary name and moved into place, then its receipt
+   (`_parts/<part>.json`: rows, bytes, sha256 and the job's own details) is committed. A part counts as
+   done only when its receipt is visible and the part has the recorded size, so a crash between the two
+   redoes the part, which identical input makes harmless.
+3. **finish**: every expected part is checked against its receipt, `_manifest.json` is written, then
+   `_SUCCESS`, always last. A re-run that finds the output incomplete removes `_SUCCESS` first.
+
+Every storage call goes through `with_retries` (bounded, transient errors only), and reading a part
+back verifies its sha256 against the receipt or manifest, so jobs never touch fsspec themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.io.storage import TEMP_PREFIX, commit_bytes, filesystem, redact, with_retries, write_json_atomic
+
+PLAN_FILE = "_plan.json"
+MANIFEST_FILE = "_manifest.json"
+SUCCESS_FILE = "_SUCCESS"
+RECEIPTS_DIR = "_parts"
+METADATA_KEY = b"embedpipe"
+
+
+class DatasetError(ValueError):
+    """An output that cannot be used as asked (wrong plan, missing part, checksum mismatch)."""
+
+
+def plan_key(material: dict) -> str:
+    """What must match for an existing output to be resumed rather than refused: a hash of the material."""
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if name else root.rstrip("/")
+
+
+def parquet_bytes(table: pa.Table, metadata: dict | None = None, row_group_size: int | None = None) -> bytes:
+    """A table as zstd Parquet bytes, with the ``embedpipe`` key-value metadata when given."""
+    if metadata is not None:
+        schema = table.schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        table = table.cast(schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that one part is committed: its name, rows, size and checksum, plus the job's own details
+    (tokens and timings for embed, mining statistics for mine). One format for every job."""
+
+    shard_id: int
+    part: str  # path relative to the output root
+    rows: int
+    bytes: int
+    sha256: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "shard_id": self.shard_id,
+            "part": self.part,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            **self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Receipt:
+        core = ("shard_id", "part", "rows", "bytes", "sha256")
+        return cls(*(data[k] for k in core), details={k: v for k, v in data.items() if k not in core})
+
+
+def receipt_path(part: str) -> str:
+    """``kept/part-00001.parquet`` -> ``_parts/kept/part-00001.json``."""
+    stem, _ = posixpath.splitext(part)
+    return f"{RECEIPTS_DIR}/{stem}.json"
+
+
+class OutputFolder:
+    """An output URL and its storage options: claiming, committing, listing, reading back, finishing.
+
+    Picklable (the filesystem is opened lazily), so Ray actors commit their own parts.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"OutputFolder({redact(self.url)!r})"
+
+    @cached_property
+    def _fs(self) -> tuple[Any, str]:
+        fs, path = filesystem(self.url, self.storage_options)
+        return fs, path.rstrip("/")
+
+    @property
+    def fs(self):
+        return self._fs[0]
+
+    def path_of(self, name: str = "") -> str:
+        return join(self._fs[1], name)
+
+    def url_of(self, name: str = "") -> str:
+        return join(self.url, name)
+
+    def child(self, name: str) -> OutputFolder:
+        """The folder ``name`` under this one, with the same storage options."""
+        return OutputFolder(self.url_of(name), self.storage_options)
+
+    # -- single files, every call retried -------------------------------------------------------------
+
+    def exists(self, name: str = "") -> bool:
+        return bool(with_retries(lambda: self.fs.exists(self.path_of(name)), what=self.url_of(name)))
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            return with_retries(lambda: self.fs.cat_file(self.path_of(name)), what=self.url_of(name))
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the URL names a file, not a folder
+            return None
+
+    def read_json(self, name: str) -> dict | None:
+        data = self.read_bytes(name)
+        return None if data is None else json.loads(data)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Commit ``data`` atomically (as readers see it): whole or absent."""
+        with_retries(lambda: commit_bytes(self.fs, self.path_of(name), data), what=self.url_of(name))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        with_retries(lambda: write_json_atomic(self.fs, self.path_of(name), obj), what=self.url_of(name))
+
+    def read_table(
+        self, name: str, columns: Iterable[str] | None = None, sha256: str | None = None
+    ) -> pa.Table:
+        """A Parquet file; with ``sha256`` its bytes are checked first (DatasetError naming the file)."""
+        data = self.read_bytes(name)
+        if data is None:
+            raise DatasetError(f"{redact(self.url_of(name))}: missing")
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise DatasetError(
+                f"{redact(self.url_of(name))}: checksum does not match its receipt or manifest"
+            )
+        return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns is not None else None)
+
+    def is_folder(self, name: str = "") -> bool:
+        return bool(with_retries(lambda: self.fs.isdir(self.path_of(name)), what=self.url_of(name)))
+
+    def read_schema(self, name: str) -> pa.Schema:
+        def read() -> pa.Schema:
+            with self.fs.open(self.path_of(name), "rb") as handle:
+                return pq.read_schema(handle)
+
+        return with_retries(read, what=self.url_of(name))
+
+    def list(self, folder: str = "") -> dict[str, int]:
+        """Names directly under ``folder`` (files and folders, hidden ones too) with their sizes; {} when absent."""
+        target = self.path_of(folder)
+
+        def ls() -> dict[str, int]:
+            try:
+                entries = self.fs.ls(target, detail=True, refresh=True)
+            except FileNotFoundError:
+                return {}
+            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
+
+        return with_retries(ls, what=self.url_of(folder))
+
+    def remove(self, name: str) -> None:
+        """Remove a file or a folder and all under it; nothing there is fine."""
+        target = self.path_of(name)
+
+        def rm() -> None:
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+
+        with_retries(rm, what=self.url_of(name))
+
+    # -- claiming ---------------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail before any work when the output cannot be written (no such bucket, a file in the way)."""
+        probe = self.path_of(f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:16]}")
+        try:
+            if isinstance(self.fs, LocalFileSystem):
+                self.fs.makedirs(self.path_of(), exist_ok=True)
+            with_retries(lambda: self.fs.pipe_file(probe, b""), what=self.url)
+            with_retries(lambda: self.fs.rm_file(probe), what=self.url)
+        except Exception as exc:
+            raise DatasetError(
+                redact(f"{self.url}: the output cannot be written ({type(exc).__name__}: {exc})")
+            ) from None
+
+    def plan(self) -> dict | None:
+        return self.read_json(PLAN_FILE)
+
+    def claim(
+        self,
+        job: str,
+        key: str,
+        plan: dict,
+        *,
+        overwrite: bool,
+        owned: Callable[[str], bool],
+        log: Callable[[str], None],
+        write: bool = True,
+    ) -> dict | None:
+        """One output belongs to one plan: the same ``key`` resumes it and returns its stored plan; another
+        is refused, or with ``overwrite`` the names ``owned`` accepts are removed. A new output gets
+        ``plan`` (with ``job`` and ``key``) unless ``write`` is False (the job writes it itself later)."""
+        existing = self.plan()
+        if existing is not None and existing.get("key") != key:
+            kind = existing.get("job", job)
+            if not overwrite:
+                made = "with other input or options" if kind == job else "by another job"
+                raise DatasetError(
+                    f"{redact(self.url)}: holds a {kind} output made {made}; use --overwrite "
+                    "or choose another --output"
+                )
+            log(f"replacing the existing {kind} output at {redact(self.url)}")
+            self.clear(owned)
+            existing = None
+        if existing is None:
+            self.check_writable()
+            if write:
+                self.write_json(PLAN_FILE, dict(plan, job=job, key=key))
+        return existing
+
+    def clear(self, owned: Callable[[str], bool]) -> None:
+        """Remove what an earlier run wrote (top-level names ``owned`` accepts), ``_SUCCESS`` first, so the
+        output stops looking complete before anything else goes."""
+        names = self.list()
+        if SUCCESS_FILE in names and owned(SUCCESS_FILE):
+            self.remove(SUCCESS_FILE)
+        for name in sorted(names):
+            if name != SUCCESS_FILE and owned(name):
+                self.remove(name)
+
+    # -- parts and receipts -------------------------------------------------------------------------
+
+    def commit_part(
+        self, part: str, number: int, data: bytes | pa.Table, rows: int | None = None, **details: Any
+    ) -> Receipt:
+        """Commit a part, then its receipt: a part counts as done only once its receipt is visible."""
+        if isinstance(data, pa.Table):
+            rows = data.num_rows if rows is None else rows
+            data = parquet_bytes(data)
+        if rows is None:
+            raise ValueError("rows is needed when the part is given as bytes")
+        self.write_bytes(part, data)
+        receipt = Receipt(number, part, rows, len(data), hashlib.sha256(data).hexdigest(), details)
+        self.write_json(receipt_path(part), receipt.to_dict())
+        return receipt
+
+    def committed(self, folder: str = "") -> dict[int, Receipt]:
+        """Receipts (by part number) of the parts under ``folder`` that are visible with the recorded size."""
+        receipts_dir = join(RECEIPTS_DIR, folder)
+        entries = self.list(receipts_dir)
+        if not entries:
+            return {}
+        sizes = self.list(folder)
+        done: dict[int, Receipt] = {}
+        for name in sorted(entries):
+            if not name.endswith(".json") or name.startswith(TEMP_PREFIX):
+                continue
+            data = self.read_json(join(receipts_dir, name))
+            if data is None:
+                continue
+            receipt = Receipt.from_dict(data)
+            if sizes.get(posixpath.basename(receipt.part)) == receipt.bytes:
+                done[receipt.shard_id] = receipt
+        return done
+
+    def read_part(self, receipt: Receipt | dict, columns: Iterable[str] | None = None) -> pa.Table:
+        """A committed part, its checksum verified against the receipt (or a manifest's entry)."""
+        entry = receipt.to_dict() if isinstance(receipt, Receipt) else receipt
+        return self.read_table(entry["part"], columns, sha256=entry["sha256"])
+
+    # -- finishing ---------------------------------------------------------------------------------
+
+    def is_complete(self) -> bool:
+        return self.exists(SUCCESS_FILE)
+
+    def mark_incomplete(self) -> None:
+        """A re-run is about to change the output: it stops looking complete first."""
+        if self.is_complete():
+            self.remove(SUCCESS_FILE)
+
+    def finish(
+        self, manifest: dict, parts: Sequence[Receipt] = (), expected: dict[str, Sequence[int]] | None = None
+    ) -> dict:
+        """Check the expected parts (folder -> part numbers) against their receipts, then write
+        ``_manifest.json`` (listing ``parts`` and the checked ones) and ``_SUCCESS`` last."""
+        listed = list(parts)
+        for folder, numbers in (expected or {}).items():
+            receipts = self.committed(folder)
+            missing = [n for n in numbers if n not in receipts]
+            if missing:
+                raise DatasetError(
+                    f"{redact(self.url_of(folder))}: {len(missing)} planned part(s) missing, "
+                    f"e.g. part {missing[0]}"
+                )
+            extra = sorted(set(receipts) - set(numbers))
+            if extra:
+                raise DatasetError(
+                    f"{redact(self.url_of(folder))}: parts outside the plan, e.g. {receipts[extra[0]].part}"
+                )
+            listed.extend(receipts[n] for n in numbers)
+        manifest = dict(manifest, parts=[r.to_dict() for r in listed])
+        manifest["rows"] = sum(r.rows for r in listed)
+        manifest["bytes"] = sum(r.bytes for r in listed)
+        self.write_json(MANIFEST_FILE, manifest)
+        self.write_bytes(SUCCESS_FILE, b"")
+        return manifest

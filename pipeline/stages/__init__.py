@@ -1,0 +1,1 @@
+"""Stages that more than one job composes (a job never imports another job)."""

@@ -1,0 +1,353 @@
+"""The embed stage: plan shards, encode them on Ray actors, commit one part per shard, finish once.
+
+The embed job is this stage alone; dedup (a raw corpus) and reembed (the changed rows) compose it too.
+
+Order of events: validate inputs and model on the driver; refuse an output made with other options;
+store the plan; skip shards whose receipts are committed; run the rest on the actors; check every part
+against its receipt; write the manifest and ``_SUCCESS`` last.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.io import corpus
+from pipeline.io.corpus import CorpusError, Shard
+from pipeline.io.dataset import calibrate_int8, quantize, write_embedding_part
+from pipeline.io.output import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    RECEIPTS_DIR,
+    SUCCESS_FILE,
+    DatasetError,
+    OutputFolder,
+    plan_key,
+)
+from pipeline.io.rows import Columns, check_rows, resolve_columns, texts_of
+from pipeline.io.storage import StorageError, parse_storage_options, redact, safe_options
+from pipeline.model.config import choose_prompt
+from pipeline.model.files import fingerprint, local_model_dir
+from pipeline.model.modules import check_model
+from pipeline.spec import EmbedSpec
+
+CALIBRATION_ROWS = 2048
+
+
+class EmbedError(RuntimeError):
+    """The job cannot finish; the message says which shard or input, and why."""
+
+
+# -- the work each actor does -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedShardWork:
+    """Read + tokenize (``load``, prefetched) and encode + commit (``process``) one shard."""
+
+    output: OutputFolder
+    columns: Columns
+    prompt: str
+    precision: str
+    calibration: dict | None
+    metadata: dict
+    on_null: str
+    max_batch_tokens: int | None
+    storage_options: dict
+
+    def load(self, encoder, shard: Shard):
+        table = corpus.read_shard(shard, self.columns.read, self.storage_options)
+        ids = corpus.ids_of(table, shard, self.columns.id)
+        texts, keep = texts_of(table, shard, self.columns.text, self.on_null)
+        if not keep.all():
+            mask = pa.array(keep)
+            table, ids = table.filter(mask), pc.filter(ids, mask)
+        return ids, table, encoder.tokenize(texts, self.prompt), int((~keep).sum())
+
+    def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
+        started = time.perf_counter()
+        ids, table, tokens, skipped = loaded
+        before = (encoder.counters.tokens, encoder.counters.padded_tokens)
+        vectors = encoder.encode_tokens(tokens, self.max_batch_tokens)
+        if not np.isfinite(vectors).all():
+            raise EmbedError(
+                f"{shard.url}: rows {shard.row_start}-{shard.row_end - 1}: non-finite embeddings"
+            )
+        columns = {"id": ids, "embedding": quantize(vectors, self.precision, self.calibration)}
+        for name in self.columns.keep:
+            columns[name] = table.column(name)
+        receipt = write_embedding_part(
+            self.output,
+            shard.shard_id,
+            pa.table(columns),
+            self.metadata,
+            tokens=encoder.counters.tokens - before[0],
+            padded_tokens=encoder.counters.padded_tokens - before[1],
+            seconds=round(time.perf_counter() - started, 3),
+            attempt=attempt,
+            skipped_rows=skipped,
+        )
+        return receipt.to_dict()
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+def model_options(spec: EmbedSpec, storage_options: dict) -> dict:
+    return {
+        "truncate_dim": spec.truncate_dim,
+        "allow_pickle": spec.allow_pickle,
+        "storage_options": storage_options,
+        "dtype": spec.dtype,
+    }
+
+
+def plan_material(
+    spec: EmbedSpec, model_fingerprint: str, columns: Columns, shards: list[Shard], sizes: dict
+) -> dict:
+    """What must match for an existing output to be resumed rather than refused."""
+    return {
+        "model": model_fingerprint,
+        "columns": columns.__dict__,
+        "prompt_name": spec.prompt_name,
+        "prompt": spec.prompt,
+        "precision": spec.precision,
+        "on_null": spec.on_null,
+        "shards": [s.to_dict() for s in shards],
+        "sizes": sizes,
+    }
+
+
+def is_embed_file(name: str) -> bool:
+    """Names an embed output owns (parts, receipts, plan, manifest, ``_SUCCESS``)."""
+    return name in (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR) or (
+        name.startswith("part-") and name.endswith(".parquet")
+    )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Data errors fail at once; storage and other errors are worth another attempt."""
+    return not isinstance(exc, CorpusError | DatasetError | EmbedError | UnicodeDecodeError)
+
+
+def run_embed(spec: EmbedSpec, log=None) -> dict:
+    """Run the embed job; returns the summary (also stored in the manifest)."""
+    import ray
+
+    from pipeline.runtime import actors as ray_actors
+    from pipeline.runtime import cluster, scheduler
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    storage_options = parse_storage_options(spec.storage_option)
+    output = OutputFolder(spec.output, storage_options)
+
+    # Model and inputs are checked on the driver, before any actor starts.
+    model_dir = local_model_dir(spec.model, storage_options)
+    # An unknown --prompt-name fails here, with the model's other checks, before Ray and the actors start.
+    prompt = choose_prompt(check_model(model_dir, spec.allow_pickle), spec.prompt_name, spec.prompt)
+    model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
+    sources = corpus.list_sources(spec.input, storage_options)
+    schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
+    columns = resolve_columns(spec, schemas)
+    shards = corpus.plan_shards(sources, spec.rows_per_shard, storage_options)
+    if not shards:
+        raise CorpusError(f"{', '.join(spec.input)}: the corpus has no rows")
+    key = plan_key(plan_material(spec, model_fingerprint, columns, shards, {s.url: s.size for s in sources}))
+
+    # The plan is written below, once the model has been described by an actor.
+    existing = output.claim(
+        "embed", key, {}, overwrite=spec.overwrite, owned=is_embed_file, log=log, write=False
+    )
+    if existing is None:
+        check_rows(shards, columns, spec.on_null, spec.on_duplicate_id, storage_options)
+
+    done = output.committed() if existing is not None else {}
+    todo = [s for s in shards if s.shard_id not in done]
+    if todo or "model" not in existing:
+        cluster.connect(spec.ray_address)
+        plan = cluster.plan_actors(spec.workers)
+        actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
+    else:  # every part is committed: no cluster is needed, the stored plan describes the model
+        plan, actors = cluster.ActorPlan(0, 0, 0), []
+    try:
+        if actors:
+            description = {
+                k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")
+            }
+        else:
+            description = existing["model"]
+        calibration = existing.get("calibration") if existing else None
+        if spec.precision == "int8" and calibration is None:
+            calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
+        metadata = {
+            "model": spec.model if "://" not in spec.model else redact(spec.model),
+            "model_name": description["name"],
+            "fingerprint": description["fingerprint"],
+            "pooling": description["pooling"],
+            "normalized": description["normalized"],
+            "similarity_fn_name": description["similarity_fn_name"],
+            "prompt": prompt,
+            "dim": description["dim"],
+            "precision": spec.precision,
+            "text_column": columns.text,
+            "id_column": columns.id,
+            "version": __version__,
+        }
+        if calibration:
+            metadata["int8_calibration"] = calibration
+        if existing is None:
+            output.write_json(
+                PLAN_FILE,
+                {
+                    "job": "embed",
+                    "key": key,
+                    "shards": [s.to_dict() for s in shards],
+                    "metadata": metadata,
+                    "model": description,
+                    "calibration": calibration,
+                    "storage_options": safe_options(storage_options),
+                },
+            )
+    except BaseException:  # the actors hold CPUs/GPUs: never leave them behind in a long-lived driver
+        for actor in actors:
+            ray.kill(actor)
+        raise
+
+    total_rows = sum(s.rows for s in shards)
+    log(
+        f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
+        f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)"
+    )
+    work = EmbedShardWork(
+        output,
+        columns,
+        prompt,
+        spec.precision,
+        calibration,
+        metadata,
+        spec.on_null,
+        spec.max_batch_tokens,
+        storage_options,
+    )
+    receipts = {shard_id: receipt.to_dict() for shard_id, receipt in done.items()}
+    bar = tqdm(
+        total=total_rows,
+        initial=sum(r.rows + r.details.get("skipped_rows", 0) for r in done.values()),
+        unit="rows",
+        disable=not spec.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    encode_started = time.perf_counter()
+    new_tokens = 0
+
+    def on_result(_key, shard: Shard, receipt: dict) -> None:
+        nonlocal new_tokens
+        receipts[shard.shard_id] = receipt
+        new_tokens += receipt["tokens"]
+        bar.update(shard.rows)
+        bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
+
+    def replace_actor():
+        return ray_actors.replacement_actor(plan, str(model_dir), model_options(spec, storage_options))
+
+    try:
+        stats = scheduler.run_queue(
+            actors,
+            work,
+            [(s.shard_id, s) for s in todo],
+            on_result=on_result,
+            replace_actor=replace_actor,
+            max_attempts=spec.max_attempts,
+            is_retryable=is_retryable,
+        )
+    except scheduler.ShardFailed as failure:
+        shard: Shard = failure.item
+        raise EmbedError(
+            redact(
+                f"shard {shard.shard_id} ({shard.url} rows {shard.row_start}-{shard.row_end - 1}) failed after "
+                f"{failure.attempts} attempt(s): {failure.cause}; {len(receipts)} of {len(shards)} shards are "
+                "committed and a re-run resumes from there"
+            )
+        ) from None
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+
+    tokens = sum(r["tokens"] for r in receipts.values())
+    padded = sum(r["padded_tokens"] for r in receipts.values())
+    seconds = time.perf_counter() - started
+    summary = {
+        "output": redact(output.url),
+        "rows": sum(r["rows"] for r in receipts.values()),
+        "skipped_rows": sum(r.get("skipped_rows", 0) for r in receipts.values()),
+        "tokens": tokens,
+        "padded_token_ratio": round(1 - tokens / padded, 4) if padded else 0.0,
+        "seconds": round(seconds, 2),
+        "shards": {
+            "total": len(shards),
+            "done": len(todo),
+            "skipped": len(done),
+            "retried": stats.retried,
+        },
+        "workers": plan.workers,
+        "actors_replaced": stats.actors_replaced,
+        "rows_per_second": round(sum(receipts[s.shard_id]["rows"] for s in todo) / seconds, 1)
+        if todo
+        else 0.0,
+    }
+    manifest = {
+        "metadata": metadata,
+        "summary": summary,
+        "versions": versions(),
+        "input": [redact(u) for u in spec.input],
+    }
+    output.finish(manifest, expected={"": [s.shard_id for s in shards]})
+    if not output.is_complete():
+        raise StorageError(f"{redact(output.url)}: _SUCCESS was not written")
+    return summary
+
+
+def calibrate(
+    actor, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options
+) -> dict:
+    """int8 ranges from one deterministic sample of the whole corpus (the head of evenly spread shards)."""
+    import ray
+
+    step = max(1, len(shards) // 16)
+    picked = shards[::step][:16]
+    per_shard = max(1, CALIBRATION_ROWS // len(picked))
+    texts: list[str] = []
+    for shard in picked:
+        table = corpus.read_shard(shard, [columns.text], storage_options)
+        shard_texts, _ = texts_of(table.slice(0, per_shard), shard, columns.text, "skip")
+        texts.extend(shard_texts)
+    if not texts:
+        raise CorpusError("no texts to calibrate int8 ranges on")
+    return calibrate_int8(ray.get(actor.encode.remote(texts, prompt)))
+
+
+def versions() -> dict:
+    import fsspec
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "embedpipe": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pa.__version__,
+        "ray": ray.__version__,
+        "fsspec": fsspec.__version__,
+    }
