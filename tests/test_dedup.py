@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.compute.keep import tie_tolerance
-from pipeline.io.dataset import finalize, quantize, write_part
+from pipeline.io.dataset import quantize, write_embedding_part
+from pipeline.io.output import OutputFolder
 from pipeline.io.storage import filesystem
 from pipeline.spec import DedupSpec, build_spec
 from pipeline.tasks.dedup import run_dedup
@@ -185,9 +186,9 @@ def write_dataset(root: str, vectors: np.ndarray, ids: list, *, fn: str = "cosin
                    "embedding": quantize(vectors[start : start + rows], "float32")}
         if texts is not None:
             columns["text"] = pa.array(texts[start : start + rows], pa.string())
-        write_part(root, storage_options, shard, pa.table(columns), meta)
+        write_embedding_part(OutputFolder(root, storage_options), shard, pa.table(columns), meta)
         start += rows
-    finalize(root, storage_options, list(range(len(parts))), {"metadata": meta})
+    OutputFolder(root, storage_options).finish({"metadata": meta}, expected={"": list(range(len(parts)))})
     return meta
 
 
@@ -566,10 +567,10 @@ def test_bad_vectors_fail_clearly_and_commit_nothing(tmp_path, bad, message) -> 
         start = 0
         for shard, rows in enumerate(PART_ROWS):
             block = v[start : start + rows] if shard != 2 else v[start : start + rows, :8]
-            write_part(root, None, shard, pa.table({"id": ids[start : start + rows],
-                                                    "embedding": quantize(block, "float32")}), meta)
+            write_embedding_part(OutputFolder(root), shard, pa.table({"id": ids[start : start + rows],
+                                                                      "embedding": quantize(block, "float32")}), meta)
             start += rows
-        finalize(root, None, list(range(len(PART_ROWS))), {"metadata": meta})
+        OutputFolder(root).finish({"metadata": meta}, expected={"": list(range(len(PART_ROWS)))})
     else:
         write_dataset(str(tmp_path / "in"), v, ids)
     with pytest.raises(RuntimeError, match=message):
