@@ -1,7 +1,7 @@
 """How far one float32 evaluation of a similarity score may lie from the exact value.
 
-Tests compare float32 scores (ours, sentence-transformers', BLAS's) with each other or with a float64
-oracle. A fixed tolerance measured on one CPU breaks on another whose BLAS sums in another order, so the
+Tests compare float32 scores and embeddings (ours, sentence-transformers', BLAS's) with each other or with
+a float64 oracle. A fixed tolerance measured on one CPU breaks on another whose BLAS sums in another order, so the
 tolerances here follow the arithmetic instead: a d-term float32 sum of products errs by about
 sqrt(d) * eps32 times the sum of the terms' magnitudes (rounding errors add up like a random walk; the
 worst case, d * eps32, is never approached in practice); the bound takes twice that. Every bound is
@@ -9,6 +9,9 @@ per entry, in score units, from the data's norms only (never from a result on th
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -62,3 +65,21 @@ def _bound(a: np.ndarray, b: np.ndarray, diff: np.ndarray | None, fn: str) -> np
             spread = np.minimum(np.where(d > 0, e2 / np.maximum(d, 1e-300), np.inf), np.sqrt(e2))
         return spread + EPS32 * d
     raise ValueError(f"unknown similarity function {fn!r}")
+
+
+def forward_error(reference: np.ndarray, model_dir: str | Path) -> np.ndarray:
+    """Per-row bound (shape n x 1) on |a - b| for two float32 forward passes of one model on the same texts
+    (other batches, padding or implementation, so other summation orders): every stage (the embeddings and
+    each of the ``num_hidden_layers`` layers of ``config.json``) sums up to ``width`` products
+    (max(hidden_size, intermediate_size)), so it errs by sum_error(width) of its output's scale, which
+    LayerNorm keeps at the output's; independent stages add up like a random walk; two evaluations.
+    That is 2 * sqrt(layers + 1) * sum_error(width) * |row|_2 (|row|_2 = 1 for normalized models)."""
+    reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    settings: dict = {}
+    for config in [Path(model_dir) / "config.json", *sorted(Path(model_dir).glob("*/config.json"))]:
+        if config.exists() and "num_hidden_layers" in (found := json.loads(config.read_text())):
+            settings = found  # the backbone's config (a Transformer module may sit in a subfolder)
+            break
+    layers = int(settings.get("num_hidden_layers", 1))
+    width = max(int(settings.get("hidden_size", reference.shape[1])), int(settings.get("intermediate_size", 0)))
+    return 2 * np.sqrt(layers + 1) * sum_error(width) * np.linalg.norm(reference, axis=1, keepdims=True)
