@@ -184,7 +184,8 @@ def test_dense_layers(tiny: Callable[..., Path], dense: list[DenseSpec]) -> None
     got, ours, _ = assert_parity(tiny(pooling=["mean", "max"], dense=dense))
     assert ours.dim == dense[-1].out_features
     # unit rows up to the rounding of dim float32 components
-    np.testing.assert_allclose(np.linalg.norm(got.astype(np.float64), axis=1), 1.0, rtol=0, atol=sum_error(ours.dim))
+    norms = np.linalg.norm(got.astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=0, atol=sum_error(ours.dim))
 
 
 @pytest.mark.parametrize("out_features", [32, 16], ids=["same-size", "projected"])
