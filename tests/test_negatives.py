@@ -218,7 +218,8 @@ def assert_same_table(st_table: pa.Table, ours: pa.Table) -> None:
         if name in ("score", "scores"):
             if name == "scores":
                 assert [len(v) for v in st_col] == [len(v) for v in our_col]
-            np.testing.assert_allclose(_flat(our_col), _flat(st_col), rtol=0, atol=1e-5)
+            # both sides score the same embeddings with the same calls (cos_sim, pairwise_cos_sim): bit for bit
+            np.testing.assert_array_equal(_flat(our_col), _flat(st_col))
         else:
             assert st_col == our_col, f"column {name} differs"
 
