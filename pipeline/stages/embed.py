@@ -9,6 +9,7 @@ against its receipt; write the manifest and ``_SUCCESS`` last.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -139,10 +140,9 @@ def is_retryable(exc: BaseException) -> bool:
 
 def run_embed(spec: EmbedSpec, log=None) -> dict:
     """Run the embed job; returns the summary (also stored in the manifest)."""
-    import ray
-
-    from pipeline.runtime import actors as ray_actors
-    from pipeline.runtime import cluster, scheduler
+    from pipeline.runtime import cluster
+    from pipeline.runtime.actors import encoder_pool
+    from pipeline.runtime.pool import PoolStats
 
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
@@ -171,22 +171,22 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
 
     done = output.committed() if existing is not None else {}
     todo = [s for s in shards if s.shard_id not in done]
-    if todo or "model" not in existing:
+    needs_actors = bool(todo) or "model" not in existing
+    if needs_actors:
         cluster.connect(spec.ray_address)
         plan = cluster.plan_actors(spec.workers)
-        actors = ray_actors.start_actors(plan, str(model_dir), model_options(spec, storage_options))
+        pool = encoder_pool(plan, str(model_dir), model_options(spec, storage_options))
     else:  # every part is committed: no cluster is needed, the stored plan describes the model
-        plan, actors = cluster.ActorPlan(0, 0, 0), []
-    try:
-        if actors:
-            description = {
-                k: v for k, v in ray.get(actors[0].describe.remote()).items() if k not in ("node", "pid")
-            }
+        plan, pool = cluster.ActorPlan(0, 0, 0), None
+    # The pool always releases its actors (they hold CPUs/GPUs), whatever happens below.
+    with pool if pool is not None else contextlib.nullcontext():
+        if pool is not None:
+            description = {k: v for k, v in pool.call(0, "describe").items() if k not in ("node", "pid")}
         else:
             description = existing["model"]
         calibration = existing.get("calibration") if existing else None
         if spec.precision == "int8" and calibration is None:
-            calibration = calibrate(actors[0], shards, columns, prompt, spec.on_null, storage_options)
+            calibration = calibrate(pool, shards, columns, prompt, spec.on_null, storage_options)
         metadata = {
             "model": spec.model if "://" not in spec.model else redact(spec.model),
             "model_name": description["name"],
@@ -216,72 +216,27 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
                     "storage_options": safe_options(storage_options),
                 },
             )
-    except BaseException:  # the actors hold CPUs/GPUs: never leave them behind in a long-lived driver
-        for actor in actors:
-            ray.kill(actor)
-        raise
 
-    total_rows = sum(s.rows for s in shards)
-    log(
-        f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
-        f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)"
-    )
-    work = EmbedShardWork(
-        output,
-        columns,
-        prompt,
-        spec.precision,
-        calibration,
-        metadata,
-        spec.on_null,
-        spec.max_batch_tokens,
-        storage_options,
-    )
-    receipts = {shard_id: receipt.to_dict() for shard_id, receipt in done.items()}
-    bar = tqdm(
-        total=total_rows,
-        initial=sum(r.rows + r.details.get("skipped_rows", 0) for r in done.values()),
-        unit="rows",
-        disable=not spec.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    encode_started = time.perf_counter()
-    new_tokens = 0
-
-    def on_result(_key, shard: Shard, receipt: dict) -> None:
-        nonlocal new_tokens
-        receipts[shard.shard_id] = receipt
-        new_tokens += receipt["tokens"]
-        bar.update(shard.rows)
-        bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
-
-    def replace_actor():
-        return ray_actors.replacement_actor(plan, str(model_dir), model_options(spec, storage_options))
-
-    try:
-        stats = scheduler.run_queue(
-            actors,
-            work,
-            [(s.shard_id, s) for s in todo],
-            on_result=on_result,
-            replace_actor=replace_actor,
-            max_attempts=spec.max_attempts,
-            is_retryable=is_retryable,
+        total_rows = sum(s.rows for s in shards)
+        log(
+            f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
+            f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)"
         )
-    except scheduler.ShardFailed as failure:
-        shard: Shard = failure.item
-        raise EmbedError(
-            redact(
-                f"shard {shard.shard_id} ({shard.url} rows {shard.row_start}-{shard.row_end - 1}) failed after "
-                f"{failure.attempts} attempt(s): {failure.cause}; {len(receipts)} of {len(shards)} shards are "
-                "committed and a re-run resumes from there"
-            )
-        ) from None
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        work = EmbedShardWork(
+            output,
+            columns,
+            prompt,
+            spec.precision,
+            calibration,
+            metadata,
+            spec.on_null,
+            spec.max_batch_tokens,
+            storage_options,
+        )
+        receipts = {shard_id: receipt.to_dict() for shard_id, receipt in done.items()}
+        stats = PoolStats()
+        if todo:
+            stats = encode_shards(pool, work, todo, receipts, len(shards), spec, total_rows, done)
 
     tokens = sum(r["tokens"] for r in receipts.values())
     padded = sum(r["padded_tokens"] for r in receipts.values())
@@ -317,11 +272,63 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     return summary
 
 
+def encode_shards(
+    pool,
+    work: EmbedShardWork,
+    todo: list[Shard],
+    receipts: dict,
+    shard_count: int,
+    spec: EmbedSpec,
+    total_rows: int,
+    done: dict,
+):
+    """Every shard in ``todo`` on whichever encoder actor is free; receipts land in ``receipts``."""
+    from pipeline.runtime.actors import run_shards
+    from pipeline.runtime.pool import ShardFailed
+
+    bar = tqdm(
+        total=total_rows,
+        initial=sum(r.rows + r.details.get("skipped_rows", 0) for r in done.values()),
+        unit="rows",
+        disable=not spec.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    encode_started = time.perf_counter()
+    new_tokens = 0
+
+    def on_result(_key, shard: Shard, receipt: dict) -> None:
+        nonlocal new_tokens
+        receipts[shard.shard_id] = receipt
+        new_tokens += receipt["tokens"]
+        bar.update(shard.rows)
+        bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
+
+    try:
+        return pool.run_queue(
+            [(s.shard_id, s) for s in todo],
+            run_shards(work),
+            on_result=on_result,
+            max_attempts=spec.max_attempts,
+            is_retryable=is_retryable,
+        )
+    except ShardFailed as failure:
+        shard: Shard = failure.item
+        raise EmbedError(
+            redact(
+                f"shard {shard.shard_id} ({shard.url} rows {shard.row_start}-{shard.row_end - 1}) failed after "
+                f"{failure.attempts} attempt(s): {failure.cause}; {len(receipts)} of {shard_count} shards are "
+                "committed and a re-run resumes from there"
+            )
+        ) from None
+    finally:
+        bar.close()
+
+
 def calibrate(
-    actor, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options
+    pool, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options
 ) -> dict:
     """int8 ranges from one deterministic sample of the whole corpus (the head of evenly spread shards)."""
-    import ray
 
     step = max(1, len(shards) // 16)
     picked = shards[::step][:16]
@@ -333,7 +340,7 @@ def calibrate(
         texts.extend(shard_texts)
     if not texts:
         raise CorpusError("no texts to calibrate int8 ranges on")
-    return calibrate_int8(ray.get(actor.encode.remote(texts, prompt)))
+    return calibrate_int8(pool.call(0, "encode", texts, prompt))
 
 
 def versions() -> dict:

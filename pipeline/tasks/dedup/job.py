@@ -13,7 +13,6 @@ from pipeline.spec import DedupSpec
 from pipeline.tasks.dedup.outputs import DUPLICATES_FILE, KEPT_DIR, REPORT_FILE, finish, write_outputs
 from pipeline.tasks.dedup.pairs import (
     PAIRS_DIR,
-    IndexPool,
     estimate_recall,
     exact_pairs,
     partitioned_pairs,
@@ -45,6 +44,7 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     from tqdm import tqdm
 
     from pipeline.runtime import cluster
+    from pipeline.runtime.actors import index_pool
 
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
@@ -69,10 +69,9 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     num_cpus = actor_plan.num_cpus
     if not actor_plan.num_gpus:  # more workers than CPUs: share them, or the extra actors never start
         num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
-    pool = IndexPool(loaders, actor_plan.num_gpus, num_cpus)
     timings = {}
     extra: dict = {"mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders)}
-    try:
+    with index_pool(loaders, actor_plan.num_gpus, num_cpus) as pool:
         pairs_started = time.perf_counter()
         if spec.mode == "exact":
             with tqdm(total=source.rows, unit="rows", disable=not spec.progress, file=sys.stderr) as bar:
@@ -83,9 +82,7 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
         pairs = read_pairs(output, spec.mode, source)
         if spec.mode == "partitioned":
             extra["partitioned"]["recall_vs_exact"] = estimate_recall(pool, source, fn, spec.threshold, spec, pairs)
-        extra["actors_replaced"] = pool.replaced
-    finally:
-        pool.kill()
+        extra["actors_replaced"] = pool.stats.actors_replaced
     extra["timings"] = timings
     report = write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, extra)
     report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)

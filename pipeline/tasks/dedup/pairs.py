@@ -59,7 +59,7 @@ def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: De
     import ray
 
     offsets = source.offsets()
-    slice_ends = [max(start + rows for start, rows in runs) for _, runs in pool.loaders]
+    slice_ends = [max(start + rows for start, rows in runs) for _, runs in slices(source, pool.size)]
     done = output.committed(PAIRS_DIR)
     found = 0
     for index, part in enumerate(source.parts):
@@ -69,7 +69,7 @@ def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: De
             continue
         ref = ray.put(source.loader([index])())
         start = offsets[index]
-        results = pool.call_all("pairs", lambda slot, r=ref, s=start: None if slice_ends[slot] <= s else
+        results = pool.call_each("pairs", lambda slot, r=ref, s=start: None if slice_ends[slot] <= s else
                                 (r, s, fn, floor, spec.block_size, True))
         i, j, s = (np.concatenate([r[k] for r in results]) if results else np.zeros(0) for k in range(3))
         table = pairs_table(i.astype(np.int64), j.astype(np.int64), s.astype(np.float32), ids)
@@ -82,7 +82,6 @@ def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: De
 def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec,
                       output: OutputFolder, log) -> dict:
     """SemDeDup: seeded k-means over the workers, then exact pairs inside each cluster."""
-    import ray
     import torch
 
     from pipeline.compute.kmeans import init_centroids, update
@@ -97,7 +96,7 @@ def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, sp
     centroids = init_centroids(sample_t, k, spec.seed)
     iterations = 0
     for iterations in range(1, spec.kmeans_iterations + 1):  # noqa: B007
-        results = pool.call_all("kmeans_sums", lambda slot, c=centroids: (c, fn, normalize))
+        results = pool.call_each("kmeans_sums", lambda slot, c=centroids: (c, fn, normalize))
         sums = sum(r[0] for r in results)
         counts = sum(r[1] for r in results)
         new = update(sums, counts, centroids, normalize)
@@ -105,27 +104,51 @@ def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, sp
         centroids = new
         if shift <= 1e-4:
             break
-    owners = len(pool.actors)
+    owners = pool.size
     log(f"k-means: {k} clusters after {iterations} iteration(s); exact pairs inside each cluster")
-    split_refs = [actor.split_by_cluster.options(num_returns=owners).remote(centroids, fn, normalize, owners)
-                  for actor in pool.actors]
-    if owners == 1:
-        split_refs = [[ref] for ref in split_refs]
-    done = output.committed(PAIRS_DIR)
     found = 0
-    for owner in range(owners):
-        if owner in done:
-            continue
-        bundles = [refs[owner] for refs in split_refs]
-        i, j, s = ray.get(pool.actors[owner].cluster_pairs.remote(fn, floor, spec.block_size, *bundles))
+    for owner, (i, j, s) in cluster_pairs(pool, centroids, fn, normalize, floor, spec.block_size,
+                                          output.committed(PAIRS_DIR)):
         table = pairs_table(i, j, s, ids)
         output.commit_part(f"{PAIRS_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
         found += table.num_rows
     return {"clusters": k, "kmeans_iterations": iterations, "pairs_found": found}
 
 
+def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block_size: int, done):
+    """(owner, pairs) for every owner not in ``done``: each actor splits its rows by cluster owner, and
+    each owner scores the pairs inside its clusters. An actor lost on the way is re-created (from its
+    slice) and the splits are made again, since the bundles it held went with it; committed owners are
+    not redone."""
+    import ray
+
+    from pipeline.runtime.pool import INFRASTRUCTURE_ERRORS
+
+    owners = pool.size
+    finished = set(done)
+    while True:
+        try:
+            split_refs = [actor.split_by_cluster.options(num_returns=owners).remote(centroids, fn, normalize, owners)
+                          for actor in pool.actors]
+            if owners == 1:
+                split_refs = [[ref] for ref in split_refs]
+            for owner in range(owners):
+                if owner in finished:
+                    continue
+                bundles = [refs[owner] for refs in split_refs]
+                result = ray.get(pool.actors[owner].cluster_pairs.remote(fn, floor, block_size, *bundles))
+                finished.add(owner)
+                yield owner, result
+            return
+        except INFRASTRUCTURE_ERRORS:
+            replaced = pool.stats.actors_replaced
+            pool.call_each("size", lambda slot: ())  # re-creates every lost actor from its slice
+            if pool.stats.actors_replaced == replaced:
+                raise  # every actor is alive: not a lost worker
+
+
 def gather_vectors(pool, index: np.ndarray) -> np.ndarray:
-    results = pool.call_all("rows", lambda slot: (index,))
+    results = pool.call_each("rows", lambda slot: (index,))
     rows = np.concatenate([r[0] for r in results])
     vectors = np.concatenate([r[1] for r in results])
     return vectors[np.argsort(rows, kind="stable")]
@@ -138,7 +161,7 @@ def estimate_recall(pool, source: Source, fn: str, threshold: float, spec: Dedup
     rng = np.random.default_rng(spec.seed + 1)
     sample = np.sort(rng.choice(source.rows, size=min(source.rows, spec.recall_sample), replace=False))
     ref = ray.put(gather_vectors(pool, sample))
-    results = pool.call_all("pairs", lambda slot: (ref, 0, fn, threshold, spec.block_size, False))
+    results = pool.call_each("pairs", lambda slot: (ref, 0, fn, threshold, spec.block_size, False))
     exact = set()
     for i, j, _ in results:
         for a, b in zip(sample[i], j, strict=True):
@@ -175,45 +198,3 @@ def read_pairs(output: OutputFolder, mode: str, source: Source) -> pa.Table:
                            "(re-running it resumes)")
     tables = [output.read_part(receipts[number]) for number in sorted(receipts)]
     return pa.concat_tables(tables, promote_options="default")
-
-
-class IndexPool:
-    """The index actors and their slices; a dead actor is restarted from its loader and the call retried."""
-
-    def __init__(self, loaders: list, num_gpus: float, num_cpus: float) -> None:
-        from pipeline.runtime.actors import start_index_actors
-
-        self.loaders, self.num_gpus, self.num_cpus = loaders, num_gpus, num_cpus
-        self.actors = start_index_actors(loaders, num_gpus, num_cpus)
-        self.replaced = 0
-
-    def call_all(self, method: str, args_for) -> list:
-        """Call ``method`` on every actor (``args_for(slot)`` gives its arguments; None skips it)."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        from pipeline.runtime.actors import start_index_actors
-
-        pending = {slot: args_for(slot) for slot in range(len(self.actors))}
-        pending = {slot: args for slot, args in pending.items() if args is not None}
-        results: dict[int, object] = {}
-        while pending:
-            refs = {slot: getattr(self.actors[slot], method).remote(*args) for slot, args in pending.items()}
-            retry = {}
-            for slot, ref in refs.items():
-                try:
-                    results[slot] = ray.get(ref)
-                except RayActorError:
-                    if self.replaced >= 4 * len(self.actors):
-                        raise
-                    self.replaced += 1
-                    self.actors[slot] = start_index_actors([self.loaders[slot]], self.num_gpus, self.num_cpus)[0]
-                    retry[slot] = pending[slot]
-            pending = retry
-        return [results[slot] for slot in sorted(results)]
-
-    def kill(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)

@@ -131,10 +131,10 @@ def run_mine(spec: MineSpec, log=None) -> dict:
     log(f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
         f"{k} candidates per anchor; {len(blocks)} part(s), {len(done)} already committed")
     timings: dict = {}
-    workers = 0
+    workers = replaced = 0
     if todo:
         output.mark_incomplete()  # a part went missing since a complete run: not complete until it is back
-        workers = mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo,
+        workers, replaced = mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo,
                               done, output, anchor_col, positive_col, model_dir, storage_options, timings,
                               tqdm, log)
 
@@ -156,7 +156,7 @@ def run_mine(spec: MineSpec, log=None) -> dict:
         "options": asdict(options), "query_prompt": query_prompt, "corpus_prompt": corpus_prompt,
         "positive_score_histogram": histogram(positive_scores_all),
         "negative_score_histogram": histogram(negative_scores_all),
-        "timings": timings, "workers": workers,
+        "timings": timings, "workers": workers, "actors_replaced": replaced,
     }
     output.write_json(REPORT_FILE, report)
     output.finish({"job": "mine"}, expected={"": list(range(len(blocks)))})

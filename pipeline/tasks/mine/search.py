@@ -16,12 +16,17 @@ from pipeline.io.training_formats import build_table
 from pipeline.model.similarity import similarity
 
 
-def encode_chunks(actors: list, items: list[str], prompt: str, per_task: int) -> list:
-    """Encode texts in chunks spread over the actors; returns the chunks' object refs, in order."""
-    refs = []
-    for index, start in enumerate(range(0, len(items), per_task)):
-        actor = actors[index % len(actors)]
-        refs.append(actor.encode.remote(items[start : start + per_task], prompt))
+def encode_all(pool, jobs: list[tuple[object, list[str], str]]) -> dict:
+    """Encode every (key, texts, prompt) on whichever encoder actor is free; returns key -> the vectors'
+    object ref (the vectors stay in Ray's object store). A lost actor's texts go to another one."""
+    refs: dict = {}
+
+    def submit(actor, ticket, _next):
+        texts, prompt = ticket.item
+        return actor.encode_counted.options(num_returns=2).remote(texts, prompt)
+
+    pool.run_queue([(key, (texts, prompt)) for key, texts, prompt in jobs], submit, lookahead=False,
+                   on_result=lambda key, _item, result: refs.__setitem__(key, result[1]))
     return refs
 
 
@@ -42,7 +47,7 @@ class VectorsLoader:
 def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo, done,
                 output: OutputFolder, anchor_col, positive_col, model_dir, storage_options, timings, tqdm, log) -> int:
     """Encode on the encoder actors, search on the index actors, commit the parts in ``todo`` (receipts
-    go into ``done``); returns the number of workers."""
+    go into ``done``); returns the number of workers and of actors replaced on the way."""
     import ray
     import torch
 
@@ -53,8 +58,6 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
     cluster.connect(spec.ray_address)
     plan = cluster.plan_actors(spec.workers)
     log(f"{len(todo)} part(s) to mine on {plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)")
-    encoders = ray_actors.start_actors(plan, str(model_dir), {"allow_pickle": spec.allow_pickle,
-                                                              "storage_options": storage_options})
 
     # Encode: the corpus (reusing an embed output's vectors for its leading texts) and the anchors of
     # the parts still to write.
@@ -67,18 +70,17 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
         reused_vectors = extra.vectors[[position[t] for t in groups.corpus[:reused]]]
     else:
         reused_vectors = None
-    try:
-        corpus_refs = encode_chunks(encoders, groups.corpus[reused:], corpus_prompt, spec.texts_per_task)
-        anchor_refs = {}
-        for i, number in enumerate(todo):
-            start = blocks[number]
-            anchor_refs[number] = encoders[i % len(encoders)].encode.remote(
-                groups.anchors[start : start + spec.anchors_per_block], query_prompt)
-        refs = corpus_refs + list(anchor_refs.values())
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the vectors stay in the object store
-    finally:
-        for actor in encoders:
-            ray.kill(actor)
+    texts = groups.corpus[reused:]
+    jobs = [(("corpus", i), texts[start : start + spec.texts_per_task], corpus_prompt)
+            for i, start in enumerate(range(0, len(texts), spec.texts_per_task))]
+    jobs += [(("anchors", number), groups.anchors[blocks[number] : blocks[number] + spec.anchors_per_block],
+              query_prompt) for number in todo]
+    model_options = {"allow_pickle": spec.allow_pickle, "storage_options": storage_options}
+    with ray_actors.encoder_pool(plan, str(model_dir), model_options) as encoders:
+        encoded = encode_all(encoders, jobs)
+        replaced = encoders.stats.actors_replaced
+    corpus_refs = [encoded[key] for key, _, _ in jobs if key[0] == "corpus"]
+    anchor_refs = {number: encoded[("anchors", number)] for number in todo}
     timings["encode_seconds"] = round(time.perf_counter() - encode_started, 3)
 
     # Index actors: contiguous slices of the corpus chunks.
@@ -95,11 +97,9 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
         if size:
             loaders.append((loader, offset))
         offset += size
-    index_actors = ray_actors.start_index_actors(loaders, plan.num_gpus, plan.num_cpus)
-
     mine_started = time.perf_counter()
     todo_anchors = sum(min(spec.anchors_per_block, len(groups.anchors) - blocks[n]) for n in todo)
-    try:
+    with ray_actors.index_pool(loaders, plan.num_gpus, plan.num_cpus) as index:
         with tqdm(total=todo_anchors, unit="anchors", disable=not spec.progress, file=sys.stderr) as bar:
             for number in todo:
                 start = blocks[number]
@@ -108,11 +108,11 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
                 anchor_vectors = ray.get(anchor_refs.pop(number))
                 positive_idx = groups.positive_indices[start:stop]
                 needed = np.unique(np.concatenate(positive_idx))
-                found = ray.get([a.rows.remote(needed) for a in index_actors])
+                found = index.call_each("rows", lambda slot, needed=needed: (needed,))
                 lookup = {int(r): v for rows, vecs in found for r, v in zip(rows, vecs, strict=True)}
                 pos_scores = [scores_between(anchor_vectors[i], np.stack([lookup[int(p)] for p in idx]), fn)
                               for i, idx in enumerate(positive_idx)]
-                partial = ray.get([a.topk.remote(anchor_vectors, fn, k, spec.block_size) for a in index_actors])
+                partial = index.call_each("topk", lambda slot, q=anchor_vectors: (q, fn, k, spec.block_size))
                 scores, indices = merge_topk([(torch.as_tensor(s), torch.as_tensor(i)) for s, i in partial], k)
                 mined = rules.select_negatives(scores, indices, positive_idx, pos_scores, options,
                                                groups.max_positives, anchor_offset=start)
@@ -132,11 +132,9 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
                 )
                 done[number] = receipt.to_dict()
                 bar.update(stop - start)
-    finally:
-        for actor in index_actors:
-            ray.kill(actor)
+        replaced += index.stats.actors_replaced
     timings["mine_seconds"] = round(time.perf_counter() - mine_started, 3)
-    return plan.workers
+    return plan.workers, replaced
 
 
 def scores_between(anchor: np.ndarray, positives: np.ndarray, fn: str) -> np.ndarray:
