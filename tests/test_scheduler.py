@@ -1,4 +1,4 @@
-"""Actor placement and the shard queue on a real local Ray cluster: more workers than CPUs share them,
+"""Actor placement and the actor pool's queue on a real local Ray cluster: more workers than CPUs share them,
 actors the cluster cannot place end in a clear error instead of a hang, and a replacement that never
 starts hands its shards to the actors that are left."""
 
@@ -14,7 +14,7 @@ import ray
 from pipeline.io.dataset import read_dataset
 from pipeline.runtime import cluster
 from pipeline.runtime.actors import ActorStartTimeout, wait_started
-from pipeline.runtime.scheduler import run_queue
+from pipeline.runtime.pool import ActorPool
 from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import run_embed
 
@@ -69,35 +69,46 @@ def test_actors_that_cannot_be_placed_are_a_clear_error(ray_local, monkeypatch) 
     assert "10000 CPU" in message and "free" in message and "--workers" in message
 
 
+def pool_whose_replacements_never_start(size: int) -> ActorPool:
+    """``size`` workers; every actor made after them (a replacement) cannot be placed."""
+    made = []
+
+    def make(slot: int):
+        made.append(slot)
+        return workers(1)[0] if len(made) <= size else unplaceable()
+
+    return ActorPool(make, size, what="worker", num_cpus=0.1, start_timeout_s=2)
+
+
+def submit(actor, ticket, _following):
+    return actor.run.remote(None, ticket.key, ticket.item, ticket.attempt, None)
+
+
 def test_a_replacement_that_never_starts_hands_its_shards_to_the_others(ray_local) -> None:
-    pool = workers(2)
-    wait_started(pool, "worker", 0.1, 0)
     results: list[dict] = []
+    with pool_whose_replacements_never_start(2) as pool:
 
-    def on_result(key, item, result) -> None:
-        results.append(result)
-        if len(results) == 3:
-            ray.kill(pool[0], no_restart=True)  # a lost worker; its replacement can never be placed
+        def on_result(key, item, result) -> None:
+            results.append(result)
+            if len(results) == 3:
+                ray.kill(pool.actors[0], no_restart=True)  # a lost worker; its replacement can never be placed
 
-    stats = run_queue(pool, None, [(i, i * 10) for i in range(30)], on_result=on_result,
-                      replace_actor=unplaceable, start_timeout_s=2)
+        stats = pool.run_queue([(i, i * 10) for i in range(30)], submit, on_result=on_result)
     assert sorted(r["key"] for r in results) == list(range(30))  # every item exactly once
     assert all(r["item"] == r["key"] * 10 for r in results)
     assert stats.actors_replaced == 1 and stats.retried >= 1
 
 
 def test_no_actor_left_is_a_clear_error(ray_local) -> None:
-    pool = workers(2)
-    wait_started(pool, "worker", 0.1, 0)
     done: list = []
+    with pool_whose_replacements_never_start(2) as pool:
 
-    def on_result(key, item, result) -> None:
-        done.append(key)
-        if len(done) == 2:
-            for actor in list(pool):
-                ray.kill(actor, no_restart=True)
+        def on_result(key, item, result) -> None:
+            done.append(key)
+            if len(done) == 2:
+                for actor in list(pool.actors):
+                    ray.kill(actor, no_restart=True)
 
-    with pytest.raises(ActorStartTimeout, match="no actor is left.*did not start within 2s"):
-        run_queue(pool, None, [(i, i) for i in range(30)], on_result=on_result, replace_actor=unplaceable,
-                  start_timeout_s=2)
+        with pytest.raises(ActorStartTimeout, match="no worker is left.*did not start within 2s"):
+            pool.run_queue([(i, i) for i in range(30)], submit, on_result=on_result)
     assert len(done) < 30

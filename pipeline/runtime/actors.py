@@ -97,12 +97,6 @@ def run_shards(work: ShardWork):
     return submit
 
 
-def start_actors(plan: ActorPlan, model: str, model_options: dict) -> list:
-    """Start the job's encoder actors, each asking for one GPU or its share of CPUs, and wait until
-    they have loaded the model. (Prefer ``encoder_pool``, which also replaces and releases them.)"""
-    return encoder_pool(plan, model, model_options).start().actors
-
-
 def replacement_actor(plan: ActorPlan, model: str, model_options: dict):
     """One more encoder actor, not waited for: the pool watches it start (and gives it up if it never does)."""
     remote = ray.remote(EncoderActor).options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=0)
@@ -274,8 +268,3 @@ def index_pool(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float,
         what="index actor",
         **kwargs,
     )
-
-
-def start_index_actors(loaders: list[tuple[Any, Any]], num_gpus: float, num_cpus: float) -> list:
-    """One IndexShardActor per (loader, offset or runs) slice, started. (Prefer ``index_pool``.)"""
-    return index_pool(loaders, num_gpus, num_cpus).start().actors
