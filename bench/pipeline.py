@@ -52,10 +52,20 @@ def run_job(model: str, input_url: str, output_url: str, server: S3Server, rows_
     from pipeline.spec import EmbedSpec
     from pipeline.tasks.embed import run_embed
 
-    options = [f"endpoint_url={server.endpoint}", f"key={server.storage_options['key']}",
-               f"secret={server.storage_options['secret']}"]
-    spec = EmbedSpec(model=model, input=[input_url], output=output_url, rows_per_shard=rows_per_shard,
-                     workers=1, storage_option=options, progress=False)
+    options = [
+        f"endpoint_url={server.endpoint}",
+        f"key={server.storage_options['key']}",
+        f"secret={server.storage_options['secret']}",
+    ]
+    spec = EmbedSpec(
+        model=model,
+        input=[input_url],
+        output=output_url,
+        rows_per_shard=rows_per_shard,
+        workers=1,
+        storage_option=options,
+        progress=False,
+    )
     return run_embed(spec, log=lambda message: None)
 
 
@@ -86,9 +96,13 @@ def throughput(args: argparse.Namespace) -> dict:
 
     ray.shutdown()
     result = {
-        "rows": len(texts), "threads": threads, "tokens": summary["tokens"],
-        "encode_seconds": round(encode_seconds, 2), "encode_rows_per_s": round(len(texts) / encode_seconds, 1),
-        "job_seconds": round(job_seconds, 2), "job_rows_per_s": round(len(texts) / job_seconds, 1),
+        "rows": len(texts),
+        "threads": threads,
+        "tokens": summary["tokens"],
+        "encode_seconds": round(encode_seconds, 2),
+        "encode_rows_per_s": round(len(texts) / encode_seconds, 1),
+        "job_seconds": round(job_seconds, 2),
+        "job_rows_per_s": round(len(texts) / job_seconds, 1),
         "ratio_job_vs_encode": round(encode_seconds / job_seconds, 3),
         "padded_token_ratio": summary["padded_token_ratio"],
     }
@@ -128,8 +142,10 @@ def rss(args: argparse.Namespace) -> dict:
             run_job(model, input_url, f"s3://{bucket}/embeddings", server, args.rows_per_shard)
             stop.set()
             poller.join()
-            results[rows] = {"seconds": round(time.perf_counter() - started, 1),
-                             "peak_actor_rss_mb": round(max(peaks.values(), default=0) / 2**20, 1)}
+            results[rows] = {
+                "seconds": round(time.perf_counter() - started, 1),
+                "peak_actor_rss_mb": round(max(peaks.values(), default=0) / 2**20, 1),
+            }
             print(json.dumps({rows: results[rows]}), file=sys.stderr)
     import ray
 
@@ -138,7 +154,9 @@ def rss(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=("throughput", "rss"), default="throughput")
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--rss-rows", type=int, nargs="+", default=[50000, 200000])

@@ -49,13 +49,18 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
 
     prog = f"python -m jobs.{job}"
     if job not in JOBS:
-        print(f"{prog}: error: this embedpipe installation has no {job!r} job (pipeline.cli.JOBS has "
-              f"{', '.join(sorted(JOBS))}); install a version that provides it", file=sys.stderr)
+        print(
+            f"{prog}: error: this embedpipe installation has no {job!r} job (pipeline.cli.JOBS has "
+            f"{', '.join(sorted(JOBS))}); install a version that provides it",
+            file=sys.stderr,
+        )
         return 2
     cls, target, help_text = JOBS[job]
     parser = argparse.ArgumentParser(
-        prog=prog, description=f"{help_text}. Run as a Ray job driver: RAY_ADDRESS (set by `ray job submit`) "
-        "names the cluster. Flags override the spec's keys.")
+        prog=prog,
+        description=f"{help_text}. Run as a Ray job driver: RAY_ADDRESS (set by `ray job submit`) "
+        "names the cluster. Flags override the spec's keys.",
+    )
     add_spec_arguments(parser, cls)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, with tracebacks")
     args = parser.parse_args(argv)
@@ -68,13 +73,17 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: invalid spec {args.spec}: {exc}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         summary = resolve(target)(spec)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one clear line (the job's log is what an operator reads); -v adds the traceback
+    except (
+        Exception
+    ) as exc:  # one clear line (the job's log is what an operator reads); -v adds the traceback
         if args.verbose:
             import traceback
 

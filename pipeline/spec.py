@@ -21,8 +21,13 @@ class SpecError(ValueError):
     """An invalid job spec; the message names the field and what was expected."""
 
 
-def opt(default: Any = None, help: str = "", choices: tuple | None = None, required: bool = False,
-        positional: bool = False) -> Any:
+def opt(
+    default: Any = None,
+    help: str = "",
+    choices: tuple | None = None,
+    required: bool = False,
+    positional: bool = False,
+) -> Any:
     """A spec field with its CLI help and allowed values."""
     metadata = {"help": help, "choices": choices, "required": required, "positional": positional}
     if isinstance(default, list):
@@ -62,7 +67,9 @@ class EmbedSpec(EncodeOptions, RuntimeOptions):
     keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
     rows_per_shard: int = opt(10000, "rows per shard")
     precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
-    on_null: str = opt("fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty"))
+    on_null: str = opt(
+        "fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty")
+    )
     on_duplicate_id: str = opt("fail", "duplicate ids: fail or keep", ("fail", "keep"))
     max_attempts: int = opt(3, "attempts per shard before the job fails")
     overwrite: bool = opt(False, "replace an existing output made with other options")
@@ -153,8 +160,12 @@ def explicit_keys(spec: Any) -> frozenset[str]:
     given = spec.__dict__.get("explicit_keys")
     if given is not None:
         return given
-    return frozenset(f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != (
-        f.default if f.default is not dataclasses.MISSING else f.default_factory()))
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(spec)
+        if getattr(spec, f.name)
+        != (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -181,17 +192,25 @@ def load_spec(cls: type, path: str | Path | None = None, overrides: dict[str, An
 @dataclass
 class DedupSpec(RuntimeOptions):
     input: list[str] = opt([], "an embed output, or a raw corpus together with --model")
-    output: str | None = opt(None, "output URL (kept/, duplicates.parquet, pairs/, report.json)", required=True)
+    output: str | None = opt(
+        None, "output URL (kept/, duplicates.parquet, pairs/, report.json)", required=True
+    )
     threshold: float | None = opt(None, "score at or above which two rows are duplicates", required=True)
     model: str | None = opt(None, "embed a raw corpus first with this model")
-    similarity: str | None = opt(None, "override the model's similarity function",
-                                 ("cosine", "dot", "euclidean", "manhattan"))
-    mode: str = opt("exact", "exact: all pairs; partitioned: k-means, then pairs inside clusters",
-                    ("exact", "partitioned"))
+    similarity: str | None = opt(
+        None, "override the model's similarity function", ("cosine", "dot", "euclidean", "manhattan")
+    )
+    mode: str = opt(
+        "exact",
+        "exact: all pairs; partitioned: k-means, then pairs inside clusters",
+        ("exact", "partitioned"),
+    )
     clusters: int | None = opt(None, "k-means clusters for --mode partitioned (default: sqrt(rows))")
     keep: str = opt("first", "which member of a group stays", ("first", "longest", "centroid"))
     pairs_floor: float | None = opt(None, "store every pair at or above this score (default: threshold)")
-    from_pairs: str | None = opt(None, "re-group the pairs/ of an earlier dedup output at a stricter threshold")
+    from_pairs: str | None = opt(
+        None, "re-group the pairs/ of an earlier dedup output at a stricter threshold"
+    )
     text_column: str = opt("text", "text column (raw corpus, and --keep longest)")
     id_column: str | None = opt(None, "id column of a raw corpus (default: 'id' when present, else file:row)")
     rows_per_shard: int = opt(10000, "rows per shard when embedding a raw corpus")
@@ -218,7 +237,9 @@ MINING_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 @dataclass
 class MineSpec(RuntimeOptions):
     model: str | None = opt(None, "model directory or URL (sentence-transformers format)", required=True)
-    input: list[str] = opt([], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs", required=True)
+    input: list[str] = opt(
+        [], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs", required=True
+    )
     output: str | None = opt(None, "output URL (part-*.parquet, report.json, _SUCCESS)", required=True)
     corpus: list[str] = opt([], "extra corpus (files, or an embed output); default: the positives only")
     corpus_text_column: str = opt("text", "text column of a separate corpus")
@@ -228,8 +249,12 @@ class MineSpec(RuntimeOptions):
     range_max: int | None = opt(None, "consider at most N candidates (default as sentence-transformers)")
     max_score: float | None = opt(None, "drop candidates scoring above this")
     min_score: float | None = opt(None, "drop candidates scoring below this")
-    absolute_margin: float | None = opt(None, "negatives must score this much below the anchor's lowest positive")
-    relative_margin: float | None = opt(None, "negatives must score this share below the anchor's lowest positive")
+    absolute_margin: float | None = opt(
+        None, "negatives must score this much below the anchor's lowest positive"
+    )
+    relative_margin: float | None = opt(
+        None, "negatives must score this share below the anchor's lowest positive"
+    )
     num_negatives: int = opt(3, "negatives per anchor")
     sampling_strategy: str = opt("top", "take the top of the window or sample it", ("top", "random"))
     seed: int = opt(0, "seed for --sampling-strategy random")
@@ -264,8 +289,9 @@ class MineSpec(RuntimeOptions):
 @dataclass
 class ConvertSpec:
     to: str | None = opt(None, "target layout", ("labeled-pair", "triplet"), required=True)
-    input: str | None = opt(None, "a triplet / n-tuple / labeled-pair Parquet file or folder", required=True,
-                            positional=True)
+    input: str | None = opt(
+        None, "a triplet / n-tuple / labeled-pair Parquet file or folder", required=True, positional=True
+    )
     output: str | None = opt(None, "output folder", required=True, positional=True)
     anchor_column: str | None = opt(None, "anchor column (default: the first column)")
     positive_column: str | None = opt(None, "positive column (default: the second column)")
@@ -276,20 +302,25 @@ class ConvertSpec:
 class ReembedSpec(EncodeOptions, RuntimeOptions):
     """Embed options for a versioned store: ids from a column (they must stay stable), plus housekeeping."""
 
-    input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC); needs an id column",
-                           required=True)
+    input: list[str] = opt(
+        [], "input URLs or globs (Parquet, JSON Lines, Arrow IPC); needs an id column", required=True
+    )
     output: str | None = opt(None, "snapshot store URL (v00001/, v00002/, ..., _LATEST)", required=True)
     keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
     rows_per_shard: int = opt(10000, "rows per shard and per output part")
     precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
-    on_null: str = opt("fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty"))
+    on_null: str = opt(
+        "fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty")
+    )
     max_attempts: int = opt(3, "attempts per shard before the job fails")
     keep: int | None = opt(None, "versions to keep, the one _LATEST names included (default: all)")
     break_lock: bool = opt(False, "remove a _LOCK left by a crashed run (only when no run is active)")
 
     def validate(self) -> None:
         if self.keep is not None and self.keep < 1:
-            raise SpecError(f"keep: must be at least 1 (the version _LATEST names is never removed), got {self.keep}")
+            raise SpecError(
+                f"keep: must be at least 1 (the version _LATEST names is never removed), got {self.keep}"
+            )
         if self.rows_per_shard < 1:
             raise SpecError(f"rows_per_shard: must be at least 1, got {self.rows_per_shard}")
         if self.max_attempts < 1:

@@ -29,8 +29,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = str.split("alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
-                  "bucket object moto server embed dedup mine negative anchor positive query document")
+WORDS = str.split(
+    "alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
+    "bucket object moto server embed dedup mine negative anchor positive query document"
+)
 DATA_SUFFIXES = (".parquet",)
 VOLATILE = ("timings", "seconds", "rows_per_second", "total_seconds", "output", "source", "from_pairs")
 
@@ -79,37 +81,113 @@ def main(workdir: str) -> None:
     work.mkdir(parents=True)
     model = str(build_tiny_model(work / "model"))
     corpus = texts(300, seed=1)
-    pq.write_table(pa.table({"id": [f"d{i:04d}" for i in range(300)], "text": corpus}), work / "corpus.parquet")
+    pq.write_table(
+        pa.table({"id": [f"d{i:04d}" for i in range(300)], "text": corpus}), work / "corpus.parquet"
+    )
     anchors = texts(60, seed=2)
     pq.write_table(pa.table({"query": anchors, "answer": corpus[:60]}), work / "pairs.parquet")
     quiet = {"progress": False, "workers": 1}
     log = lambda message: None  # noqa: E731
     out = work / "out"
-    common = {"model": model, "input": [str(work / "corpus.parquet")], "rows_per_shard": 40,
-              "keep_columns": ["text"], **quiet}
+    common = {
+        "model": model,
+        "input": [str(work / "corpus.parquet")],
+        "rows_per_shard": 40,
+        "keep_columns": ["text"],
+        **quiet,
+    }
     run_embed(EmbedSpec(output=str(out / "embed"), **common), log=log)
     run_embed(EmbedSpec(output=str(out / "embed-int8"), precision="int8", **common), log=log)
     for mode in ("exact", "partitioned"):
         for keep in ("first", "longest", "centroid"):
-            run_dedup(DedupSpec(input=[str(out / "embed")], output=str(out / f"dedup-{mode}-{keep}"),
-                                threshold=0.9, pairs_floor=0.8, mode=mode, keep=keep, **quiet), log=log)
-    run_dedup(DedupSpec(input=[str(out / "embed")], output=str(out / "dedup-regroup"), threshold=0.95,
-                        from_pairs=str(out / "dedup-exact-first"), **quiet), log=log)
-    run_dedup(DedupSpec(input=[str(work / "corpus.parquet")], model=model, output=str(out / "dedup-raw"),
-                        threshold=0.9, rows_per_shard=100, **quiet), log=log)
+            run_dedup(
+                DedupSpec(
+                    input=[str(out / "embed")],
+                    output=str(out / f"dedup-{mode}-{keep}"),
+                    threshold=0.9,
+                    pairs_floor=0.8,
+                    mode=mode,
+                    keep=keep,
+                    **quiet,
+                ),
+                log=log,
+            )
+    run_dedup(
+        DedupSpec(
+            input=[str(out / "embed")],
+            output=str(out / "dedup-regroup"),
+            threshold=0.95,
+            from_pairs=str(out / "dedup-exact-first"),
+            **quiet,
+        ),
+        log=log,
+    )
+    run_dedup(
+        DedupSpec(
+            input=[str(work / "corpus.parquet")],
+            model=model,
+            output=str(out / "dedup-raw"),
+            threshold=0.9,
+            rows_per_shard=100,
+            **quiet,
+        ),
+        log=log,
+    )
     pairs = [str(work / "pairs.parquet")]
-    run_mine(MineSpec(model=model, input=pairs, corpus=[str(work / "corpus.parquet")],
-                      output=str(out / "mine-triplet"), output_scores=True, anchors_per_block=25,
-                      anchor_column="query", positive_column="answer", **quiet), log=log)
-    run_mine(MineSpec(model=model, input=pairs, output=str(out / "mine-ntuple"), output_format="n-tuple",
-                      num_negatives=2, anchor_column="query", positive_column="answer", **quiet), log=log)
+    run_mine(
+        MineSpec(
+            model=model,
+            input=pairs,
+            corpus=[str(work / "corpus.parquet")],
+            output=str(out / "mine-triplet"),
+            output_scores=True,
+            anchors_per_block=25,
+            anchor_column="query",
+            positive_column="answer",
+            **quiet,
+        ),
+        log=log,
+    )
+    run_mine(
+        MineSpec(
+            model=model,
+            input=pairs,
+            output=str(out / "mine-ntuple"),
+            output_format="n-tuple",
+            num_negatives=2,
+            anchor_column="query",
+            positive_column="answer",
+            **quiet,
+        ),
+        log=log,
+    )
     store = out / "reembed"
-    run_reembed(ReembedSpec(model=model, input=[str(work / "corpus.parquet")], output=str(store),
-                            id_column="id", rows_per_shard=100, **quiet), log=log)
+    run_reembed(
+        ReembedSpec(
+            model=model,
+            input=[str(work / "corpus.parquet")],
+            output=str(store),
+            id_column="id",
+            rows_per_shard=100,
+            **quiet,
+        ),
+        log=log,
+    )
     changed = corpus[:250] + [t + " changed" for t in corpus[250:]]
-    pq.write_table(pa.table({"id": [f"d{i:04d}" for i in range(300)], "text": changed}), work / "corpus.parquet")
-    run_reembed(ReembedSpec(model=model, input=[str(work / "corpus.parquet")], output=str(store),
-                            id_column="id", rows_per_shard=100, **quiet), log=log)
+    pq.write_table(
+        pa.table({"id": [f"d{i:04d}" for i in range(300)], "text": changed}), work / "corpus.parquet"
+    )
+    run_reembed(
+        ReembedSpec(
+            model=model,
+            input=[str(work / "corpus.parquet")],
+            output=str(store),
+            id_column="id",
+            rows_per_shard=100,
+            **quiet,
+        ),
+        log=log,
+    )
     print(json.dumps(fingerprint(out), indent=1, sort_keys=True))
 
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from pipeline.model.similarity import as_float, pairwise_scores, validate_name
 
 
-def normalized_for(queries: torch.Tensor, corpus: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def normalized_for(
+    queries: torch.Tensor, corpus: torch.Tensor, fn: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Cosine on unit rows is a dot product: normalize every row once rather than once per tile."""
     if fn != "cosine":
         return queries, corpus, fn

@@ -22,8 +22,17 @@ import pyarrow.parquet as pq
 
 from pipeline.io.storage import filesystem, with_retries
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-           ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".arrows": "arrow"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+    ".arrows": "arrow",
+}
 GLOB_CHARS = "*?["
 
 
@@ -126,6 +135,7 @@ def group_units(unit_rows: Sequence[int], rows_per_shard: int) -> list[tuple[int
 
 def read_whole(fs, path: str, url: str, kind: str, read):
     """``read(handle)`` with transient storage errors retried; decoding errors are a CorpusError at once."""
+
     def attempt():
         try:
             with fs.open(path, "rb") as handle:
@@ -162,6 +172,7 @@ def arrow_unit_rows(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
 
 def jsonl_line_offsets(fs, path: str, url: str) -> list[int]:
     """Byte offset of every non-blank line start, plus the file length at the end."""
+
     def read(handle) -> list[int]:
         offsets: list[int] = []
         position = 0
@@ -174,7 +185,9 @@ def jsonl_line_offsets(fs, path: str, url: str) -> list[int]:
     return read_whole(fs, path, url, "JSON Lines", read)
 
 
-def plan_shards(sources: Sequence[SourceFile], rows_per_shard: int, storage_options: dict | None) -> list[Shard]:
+def plan_shards(
+    sources: Sequence[SourceFile], rows_per_shard: int, storage_options: dict | None
+) -> list[Shard]:
     """Deterministic shards over the sorted files."""
     if rows_per_shard <= 0:
         raise ValueError("rows_per_shard must be positive")
@@ -184,13 +197,25 @@ def plan_shards(sources: Sequence[SourceFile], rows_per_shard: int, storage_opti
         if source.format == "jsonl":
             offsets = jsonl_line_offsets(fs, path, source.url)
             for start, end in split_rows(0, len(offsets) - 1, rows_per_shard) if len(offsets) > 1 else []:
-                shards.append(Shard(len(shards), source.url, "jsonl", start, end, offsets[start],
-                                    offsets[end], source.id_prefix))
+                shards.append(
+                    Shard(
+                        len(shards),
+                        source.url,
+                        "jsonl",
+                        start,
+                        end,
+                        offsets[start],
+                        offsets[end],
+                        source.id_prefix,
+                    )
+                )
             continue
         reader = parquet_unit_rows if source.format == "parquet" else arrow_unit_rows
         units, _ = reader(fs, path, source.url)
         for start, end in group_units(units, rows_per_shard):
-            shards.append(Shard(len(shards), source.url, source.format, start, end, id_prefix=source.id_prefix))
+            shards.append(
+                Shard(len(shards), source.url, source.format, start, end, id_prefix=source.id_prefix)
+            )
     return shards
 
 
@@ -201,8 +226,13 @@ def source_schema(source: SourceFile, storage_options: dict | None) -> pa.Schema
         return parquet_unit_rows(fs, path, source.url)[1]
     if source.format == "arrow":
         return arrow_unit_rows(fs, path, source.url)[1]
-    head = read_whole(fs, path, source.url, "JSON Lines",
-                      lambda handle: b"".join(line for _, line in zip(range(100), handle, strict=False)))
+    head = read_whole(
+        fs,
+        path,
+        source.url,
+        "JSON Lines",
+        lambda handle: b"".join(line for _, line in zip(range(100), handle, strict=False)),
+    )
     return parse_jsonl(head, source.url, 0).schema
 
 
@@ -229,7 +259,9 @@ def parse_jsonl(data: bytes, url: str, first_row: int) -> pa.Table:
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise CorpusError(f"{url}: rows {first_row}-{first_row + len(rows) - 1}: inconsistent types ({exc})") from None
+        raise CorpusError(
+            f"{url}: rows {first_row}-{first_row + len(rows) - 1}: inconsistent types ({exc})"
+        ) from None
 
 
 def read_shard(shard: Shard, columns: Sequence[str] | None, storage_options: dict | None) -> pa.Table:
@@ -314,4 +346,6 @@ def ids_of(table: pa.Table, shard: Shard, id_column: str | None) -> pa.Array:
         return ids.cast(pa.int64())
     if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
         return ids.cast(pa.string())
-    raise CorpusError(f"{shard.url}: id column {id_column!r} has type {ids.type}; expected integers or strings")
+    raise CorpusError(
+        f"{shard.url}: id column {id_column!r} has type {ids.type}; expected integers or strings"
+    )

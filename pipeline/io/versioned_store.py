@@ -74,7 +74,11 @@ class Store(OutputFolder):
 
     def versions(self) -> dict[str, bool]:
         """Every version folder in the store -> whether it is complete (has _SUCCESS)."""
-        found = {name: self.exists(f"{name}/{SUCCESS_FILE}") for name in self.list() if version_number(name) is not None}
+        found = {
+            name: self.exists(f"{name}/{SUCCESS_FILE}")
+            for name in self.list()
+            if version_number(name) is not None
+        }
         return dict(sorted(found.items(), key=lambda item: version_number(item[0]) or 0))
 
     def latest(self) -> str | None:
@@ -82,8 +86,10 @@ class Store(OutputFolder):
         data = self.read_bytes(LATEST_FILE)
         if data is None:
             if self.exists(SUCCESS_FILE) or self.exists(PLAN_FILE):
-                raise StoreError(f"{self.url}: holds a plain embed output, not a reembed store (no {LATEST_FILE}); "
-                                 "choose an empty --output for the store")
+                raise StoreError(
+                    f"{self.url}: holds a plain embed output, not a reembed store (no {LATEST_FILE}); "
+                    "choose an empty --output for the store"
+                )
             return None
         text = data.decode("utf-8", "replace").strip()
         try:
@@ -92,10 +98,14 @@ class Store(OutputFolder):
         except json.JSONDecodeError:
             name = text
         if not isinstance(name, str) or version_number(name) is None:
-            raise StoreError(f"{self.url_of(LATEST_FILE)}: does not name a version like v00001 ({text[:80]!r})")
+            raise StoreError(
+                f"{self.url_of(LATEST_FILE)}: does not name a version like v00001 ({text[:80]!r})"
+            )
         if not self.exists(f"{name}/{SUCCESS_FILE}"):
-            raise StoreError(f"{self.url_of(LATEST_FILE)}: names {name}, which is not a complete version "
-                             f"(no {self.url_of(name, SUCCESS_FILE)})")
+            raise StoreError(
+                f"{self.url_of(LATEST_FILE)}: names {name}, which is not a complete version "
+                f"(no {self.url_of(name, SUCCESS_FILE)})"
+            )
         return name
 
     def write_latest(self, name: str, info: dict) -> None:
@@ -117,8 +127,10 @@ def latest_version_url(store_url: str, storage_options: dict | None = None) -> s
 def describe_lock(holder: dict | None) -> str:
     if not holder:
         return "its holder is unknown (the lock file is empty or unreadable)"
-    text = (f"held by run {holder.get('run', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')}) "
-            f"since {holder.get('started', '?')}")
+    text = (
+        f"held by run {holder.get('run', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')}) "
+        f"since {holder.get('started', '?')}"
+    )
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         try:
             os.kill(holder["pid"], 0)
@@ -154,9 +166,13 @@ def store_lock(store: Store, break_lock: bool, log: Log) -> Iterator[dict]:
             store.remove(LOCK_FILE)
     data = json.dumps(token).encode()
     try:
-        created = with_retries(lambda: create_exclusive(store.fs, store.path_of(LOCK_FILE), data), what=lock_url)
+        created = with_retries(
+            lambda: create_exclusive(store.fs, store.path_of(LOCK_FILE), data), what=lock_url
+        )
     except Exception as exc:
-        raise StoreError(redact(f"{lock_url}: cannot create the lock ({type(exc).__name__}: {exc})")) from None
+        raise StoreError(
+            redact(f"{lock_url}: cannot create the lock ({type(exc).__name__}: {exc})")
+        ) from None
     if not created:
         holder = read_lock(store)
         if not (holder and holder.get("run") == token["run"]):  # our own write, seen again after a retry
@@ -214,8 +230,11 @@ def part_index(root: str, parts: list[dict], columns: list[str], storage_options
     tables = []
     for number, part in enumerate(parts):
         table = folder.read_part(part, columns)
-        tables.append(table.append_column("__part", pa.array(np.full(table.num_rows, number, np.int32)))
-                      .append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64))))
+        tables.append(
+            table.append_column("__part", pa.array(np.full(table.num_rows, number, np.int32))).append_column(
+                "__row", pa.array(np.arange(table.num_rows, dtype=np.int64))
+            )
+        )
     if not tables:
         raise DatasetError(f"{redact(root)}: the dataset has no parts")
     return pa.concat_tables(tables).combine_chunks()
@@ -253,7 +272,7 @@ def prune(store: Store, keep: int | None, latest: str, log: Log) -> list[str]:
     if keep is None:
         return []
     others = [name for name in store.versions() if name != latest]
-    kept = set(others[len(others) - (keep - 1):]) if keep > 1 else set()
+    kept = set(others[len(others) - (keep - 1) :]) if keep > 1 else set()
     pruned = [name for name in others if name not in kept]
     for name in pruned:
         log(f"pruning {store.url_of(name)}")

@@ -51,7 +51,9 @@ def input_files(url: str, storage_options: dict) -> tuple[OutputFolder, list[str
         return OutputFolder(posixpath.dirname(url.rstrip("/")) or ".", storage_options), [_base(url)]
     bases = set(folder.list())
     if PLAN_FILE in bases and SUCCESS_FILE not in bases:
-        raise ConvertError(f"{url}: an incomplete embedpipe output (no {SUCCESS_FILE}); finish or re-run the job first")
+        raise ConvertError(
+            f"{url}: an incomplete embedpipe output (no {SUCCESS_FILE}); finish or re-run the job first"
+        )
     files = [n for n in bases if n.startswith("part-") and n.endswith(".parquet")]
     if not files:
         files = [n for n in bases if n.endswith(".parquet") and not n.startswith(("_", "."))]
@@ -82,12 +84,19 @@ def check_columns(schema: pa.Schema, spec: ConvertSpec, where: str) -> tuple[str
     if spec.to == "labeled-pair":
         negatives = [n for n in names if n == "negative" or (n.startswith("negative_") and n[9:].isdigit())]
         if not negatives:
-            raise ConvertError(f"{where}: not a triplet or n-tuple table: no 'negative' or 'negative_<i>' column "
-                               f"(columns: {', '.join(names)})")
+            raise ConvertError(
+                f"{where}: not a triplet or n-tuple table: no 'negative' or 'negative_<i>' column "
+                f"(columns: {', '.join(names)})"
+            )
     elif "label" not in names:
-        hint = " (a labeled-pair table with scores cannot tell positives from negatives)" if "score" in names else ""
-        raise ConvertError(f"{where}: to make triplets the input needs a 0/1 'label' column{hint}; "
-                           f"has {', '.join(names)}")
+        hint = (
+            " (a labeled-pair table with scores cannot tell positives from negatives)"
+            if "score" in names
+            else ""
+        )
+        raise ConvertError(
+            f"{where}: to make triplets the input needs a 0/1 'label' column{hint}; has {', '.join(names)}"
+        )
     return anchor, positive
 
 
@@ -101,11 +110,20 @@ def prepare_output(output: OutputFolder, source: OutputFolder, inputs: list[str]
         raise ConvertError(f"{output.url}: exists and is not a folder")
     names = list(output.list())
     if SUCCESS_FILE in names:
-        raise ConvertError(f"{output.url}: already holds a complete output; remove it or choose another output")
-    others = [n for n in names if not (n.startswith("part-") and n.endswith(".parquet"))
-              and not n.startswith(TEMP_PREFIX) and n != RECEIPTS_DIR]
+        raise ConvertError(
+            f"{output.url}: already holds a complete output; remove it or choose another output"
+        )
+    others = [
+        n
+        for n in names
+        if not (n.startswith("part-") and n.endswith(".parquet"))
+        and not n.startswith(TEMP_PREFIX)
+        and n != RECEIPTS_DIR
+    ]
     if others:
-        raise ConvertError(f"{output.url}: the output folder is not empty (has {', '.join(sorted(others)[:5])})")
+        raise ConvertError(
+            f"{output.url}: the output folder is not empty (has {', '.join(sorted(others)[:5])})"
+        )
     return [n for n in names if n.startswith("part-")]
 
 
@@ -121,8 +139,10 @@ def run_convert(spec: ConvertSpec, log=None) -> dict:
     first = schemas[0].remove_metadata()
     for f, schema in zip(files, schemas, strict=True):
         if schema.remove_metadata() != first:
-            raise ConvertError(f"{spec.input}: {f} has another schema than {files[0]} "
-                               f"({schema.remove_metadata()} vs {first})")
+            raise ConvertError(
+                f"{spec.input}: {f} has another schema than {files[0]} "
+                f"({schema.remove_metadata()} vs {first})"
+            )
     anchor, positive = check_columns(first, spec, spec.input)
     owner: dict = {}
     local = True
@@ -132,7 +152,9 @@ def run_convert(spec: ConvertSpec, log=None) -> dict:
         if spec.to == "triplet":
             bad = [v for v in pc.unique(table.column("label")).to_pylist() if v not in (0, 1)]
             if bad:
-                raise ConvertError(f"{spec.input}: {f}: labels must be 0 or 1, found {sorted(bad, key=repr)[:5]}")
+                raise ConvertError(
+                    f"{spec.input}: {f}: labels must be 0 or 1, found {sorted(bad, key=repr)[:5]}"
+                )
         for value in pc.unique(table.column(anchor)).to_pylist():
             if owner.setdefault(value, number) != number:
                 local = False
@@ -157,10 +179,21 @@ def run_convert(spec: ConvertSpec, log=None) -> dict:
         output.remove(receipt_path(name))
     output.finish({"job": "convert", "to": spec.to}, parts=written)
     summary = {
-        "input": redact(spec.input), "output": redact(spec.output.rstrip("/")), "to": spec.to,
-        "anchor_column": anchor, "positive_column": positive, "columns": converted.schema.names,
-        "input_parts": len(files), "parts": len(written), "streamed": local, "rows_in": rows_in,
-        "rows_out": rows_out, "anchors": len(owner), "seconds": round(time.perf_counter() - started, 3),
+        "input": redact(spec.input),
+        "output": redact(spec.output.rstrip("/")),
+        "to": spec.to,
+        "anchor_column": anchor,
+        "positive_column": positive,
+        "columns": converted.schema.names,
+        "input_parts": len(files),
+        "parts": len(written),
+        "streamed": local,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "anchors": len(owner),
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    log(f"converted {rows_in} rows in {len(files)} file(s) into {rows_out} {spec.to} rows in {len(written)} part(s)")
+    log(
+        f"converted {rows_in} rows in {len(files)} file(s) into {rows_out} {spec.to} rows in {len(written)} part(s)"
+    )
     return summary

@@ -42,8 +42,13 @@ def group(rows: int, pairs: pa.Table, threshold: float) -> Groups:
     return Groups(labels, np.bincount(labels, minlength=rows), at)
 
 
-def choose_kept(policy: str, members: dict[int, list[int]], fn: str, vectors: dict[int, np.ndarray],
-                lengths: dict[int, int] | None = None) -> dict[int, int]:
+def choose_kept(
+    policy: str,
+    members: dict[int, list[int]],
+    fn: str,
+    vectors: dict[int, np.ndarray],
+    lengths: dict[int, int] | None = None,
+) -> dict[int, int]:
     """The kept row of each group (label -> row): ``first`` in corpus order, the ``longest`` text, or the
     member nearest the group's ``centroid`` (float64, near-ties to the lowest row: the same on every CPU)."""
     kept: dict[int, int] = {}

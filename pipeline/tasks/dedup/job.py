@@ -21,19 +21,36 @@ from pipeline.tasks.dedup.pairs import (
 )
 from pipeline.tasks.dedup.source import DedupError, Source, load_source, resolve_source
 
-DEDUP_FILES = (SUCCESS_FILE, REPORT_FILE, DUPLICATES_FILE, PLAN_FILE, PAIRS_DIR, KEPT_DIR, RECEIPTS_DIR,
-               "_manifest.json")
+DEDUP_FILES = (
+    SUCCESS_FILE,
+    REPORT_FILE,
+    DUPLICATES_FILE,
+    PLAN_FILE,
+    PAIRS_DIR,
+    KEPT_DIR,
+    RECEIPTS_DIR,
+    "_manifest.json",
+)
 
 
 def plan_material(source: Source, fn: str, floor: float, spec: DedupSpec, workers: int) -> dict:
     """What decides the stored pairs (not the threshold: a resumed run may group at another one)."""
-    return {"parts": [p.get("sha256") for p in source.parts], "fn": fn, "floor": floor,
-            "mode": spec.mode, "clusters": spec.clusters, "seed": spec.seed,
-            "iterations": spec.kmeans_iterations, "workers": workers if spec.mode == "partitioned" else None}
+    return {
+        "parts": [p.get("sha256") for p in source.parts],
+        "fn": fn,
+        "floor": floor,
+        "mode": spec.mode,
+        "clusters": spec.clusters,
+        "seed": spec.seed,
+        "iterations": spec.kmeans_iterations,
+        "workers": workers if spec.mode == "partitioned" else None,
+    }
 
 
 def claim(output: OutputFolder, key: str, plan: dict, spec: DedupSpec, log) -> None:
-    existing = output.claim("dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES.__contains__, log=log)
+    existing = output.claim(
+        "dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES.__contains__, log=log
+    )
     if existing is not None:
         output.mark_incomplete()  # a resumed dedup rewrites its outputs (the threshold may differ)
 
@@ -63,8 +80,19 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     actor_plan = cluster.plan_actors(spec.workers)
     loaders = slices(source, actor_plan.workers)
     key = plan_key(plan_material(source, fn, floor, spec, len(loaders)))
-    claim(output, key, {"source": source.root, "similarity_fn_name": fn, "pairs_floor": floor,
-                        "mode": spec.mode, "raw": source.raw}, spec, log)
+    claim(
+        output,
+        key,
+        {
+            "source": source.root,
+            "similarity_fn_name": fn,
+            "pairs_floor": floor,
+            "mode": spec.mode,
+            "raw": source.raw,
+        },
+        spec,
+        log,
+    )
     ids = source.ids()
     num_cpus = actor_plan.num_cpus
     if not actor_plan.num_gpus:  # more workers than CPUs: share them, or the extra actors never start
@@ -81,7 +109,9 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
         timings["pairs_seconds"] = round(time.perf_counter() - pairs_started, 3)
         pairs = read_pairs(output, spec.mode, source)
         if spec.mode == "partitioned":
-            extra["partitioned"]["recall_vs_exact"] = estimate_recall(pool, source, fn, spec.threshold, spec, pairs)
+            extra["partitioned"]["recall_vs_exact"] = estimate_recall(
+                pool, source, fn, spec.threshold, spec, pairs
+            )
         extra["actors_replaced"] = pool.stats.actors_replaced
     extra["timings"] = timings
     report = write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, extra)
@@ -96,8 +126,10 @@ def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
     if plan is None or not earlier.committed(PAIRS_DIR):
         raise DatasetError(f"{earlier.url}: not a dedup output (no _plan.json or pairs/)")
     if spec.threshold < plan["pairs_floor"]:
-        raise DedupError(f"threshold {spec.threshold} is below the pairs floor {plan['pairs_floor']} of "
-                         f"{earlier.url}; pairs under the floor were not stored (run a fresh dedup instead)")
+        raise DedupError(
+            f"threshold {spec.threshold} is below the pairs floor {plan['pairs_floor']} of "
+            f"{earlier.url}; pairs under the floor were not stored (run a fresh dedup instead)"
+        )
     fn = plan["similarity_fn_name"]
     source = load_source(OutputFolder(plan["source"], output.storage_options), raw=bool(plan.get("raw")))
     pairs = read_pairs(earlier, plan["mode"], source)
@@ -108,7 +140,11 @@ def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
         output.write_json(PLAN_FILE, plan)
     ids = source.ids()
     log(f"re-grouping {pairs.num_rows} stored pairs of {earlier.url} at threshold {spec.threshold}")
-    extra = {"mode": plan["mode"], "pairs_floor": plan["pairs_floor"], "source": source.root,
-             "from_pairs": earlier.url}
+    extra = {
+        "mode": plan["mode"],
+        "pairs_floor": plan["pairs_floor"],
+        "source": source.root,
+        "from_pairs": earlier.url,
+    }
     report = write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, extra)
     return finish(output, report, source, plan["mode"])

@@ -37,8 +37,16 @@ def size_histogram(sizes: np.ndarray) -> dict:
     return buckets
 
 
-def write_outputs(spec: DedupSpec, source: Source, ids: list, pairs: pa.Table, fn: str, threshold: float,
-                  output: OutputFolder, report: dict) -> dict:
+def write_outputs(
+    spec: DedupSpec,
+    source: Source,
+    ids: list,
+    pairs: pa.Table,
+    fn: str,
+    threshold: float,
+    output: OutputFolder,
+    report: dict,
+) -> dict:
     """Groups at ``threshold``, the keep policy, then kept/, duplicates.parquet, report.json, _SUCCESS."""
     started = time.perf_counter()
     n = source.rows
@@ -54,28 +62,41 @@ def write_outputs(spec: DedupSpec, source: Source, ids: list, pairs: pa.Table, f
     labels = groups.labels
     group_number = {label: number for number, label in enumerate(sorted(kept))}
     removed = np.array([r for r in grouped if kept[int(labels[r])] != r], dtype=np.int64)
-    scores = np.array([similarity(vectors[int(r)][None], vectors[kept[int(labels[r])]][None], fn)[0, 0]
-                       for r in removed], dtype=np.float32)
+    scores = np.array(
+        [similarity(vectors[int(r)][None], vectors[kept[int(labels[r])]][None], fn)[0, 0] for r in removed],
+        dtype=np.float32,
+    )
     id_type = pa.array(ids[:1]).type
-    duplicates = pa.table({
-        "id": pa.array([ids[r] for r in removed], id_type),
-        "group_id": pa.array([group_number[int(labels[r])] for r in removed], pa.int64()),
-        "kept_id": pa.array([ids[kept[int(labels[r])]] for r in removed], id_type),
-        "score": pa.array(scores, pa.float32()),
-    })
+    duplicates = pa.table(
+        {
+            "id": pa.array([ids[r] for r in removed], id_type),
+            "group_id": pa.array([group_number[int(labels[r])] for r in removed], pa.int64()),
+            "kept_id": pa.array([ids[kept[int(labels[r])]] for r in removed], id_type),
+            "score": pa.array(scores, pa.float32()),
+        }
+    )
     receipts = [output.commit_part(DUPLICATES_FILE, 0, duplicates)]
     receipts += write_kept(source, set(removed.tolist()), output)
     group_sizes = groups.sizes[sorted(kept)] if kept else np.zeros(0, np.int64)
     at = groups.pairs_at_threshold
-    report = dict(report, **{
-        "rows_in": n, "rows_out": n - len(removed), "removed": int(len(removed)), "groups": len(kept),
-        "threshold": threshold, "similarity_fn_name": fn, "keep": spec.keep,
-        "pairs_at_threshold": at.num_rows, "pairs_stored": pairs.num_rows,
-        "group_size_histogram": size_histogram(group_sizes),
-        "largest_group": int(group_sizes.max()) if len(group_sizes) else 0,
-        "score_to_kept_histogram": histogram(scores),
-        "pair_score_histogram": histogram(at.column("score").to_numpy()),
-    })
+    report = dict(
+        report,
+        **{
+            "rows_in": n,
+            "rows_out": n - len(removed),
+            "removed": int(len(removed)),
+            "groups": len(kept),
+            "threshold": threshold,
+            "similarity_fn_name": fn,
+            "keep": spec.keep,
+            "pairs_at_threshold": at.num_rows,
+            "pairs_stored": pairs.num_rows,
+            "group_size_histogram": size_histogram(group_sizes),
+            "largest_group": int(group_sizes.max()) if len(group_sizes) else 0,
+            "score_to_kept_histogram": histogram(scores),
+            "pair_score_histogram": histogram(at.column("score").to_numpy()),
+        },
+    )
     report.setdefault("timings", {})["grouping_seconds"] = round(time.perf_counter() - started, 3)
     report["parts"] = receipts  # finish() lists them in the manifest; popped before report.json is written
     return report
@@ -101,6 +122,8 @@ def finish(output: OutputFolder, report: dict, source: Source, mode: str) -> dic
     parts = report.pop("parts")
     output.write_json(REPORT_FILE, report)
     pairs = output.committed(PAIRS_DIR)
-    output.finish({"job": "dedup", "source": source.root, "mode": mode},
-                  parts=[*parts, *(pairs[n] for n in sorted(pairs))])
+    output.finish(
+        {"job": "dedup", "source": source.root, "mode": mode},
+        parts=[*parts, *(pairs[n] for n in sorted(pairs))],
+    )
     return report

@@ -15,8 +15,15 @@ from pipeline.tasks.dedup.source import Source
 
 KMEANS_SAMPLE = 20000
 PAIRS_DIR = "pairs"
-PAIR_SCHEMA = pa.schema([("row", pa.int64()), ("neighbor_row", pa.int64()), ("id", pa.string()),
-                         ("neighbor_id", pa.string()), ("score", pa.float32())])
+PAIR_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("neighbor_row", pa.int64()),
+        ("id", pa.string()),
+        ("neighbor_id", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
 
 
 def slices(source: Source, workers: int) -> list[tuple[object, list[tuple[int, int]]]]:
@@ -46,15 +53,20 @@ def pairs_table(i: np.ndarray, j: np.ndarray, s: np.ndarray, ids: list) -> pa.Ta
     order = np.lexsort((j, i))
     i, j, s = i[order], j[order], s[order]
     id_type = pa.array(ids[:1]).type
-    return pa.table({
-        "row": pa.array(i, pa.int64()), "neighbor_row": pa.array(j, pa.int64()),
-        "id": pa.array([ids[k] for k in i], id_type), "neighbor_id": pa.array([ids[k] for k in j], id_type),
-        "score": pa.array(s, pa.float32()),
-    })
+    return pa.table(
+        {
+            "row": pa.array(i, pa.int64()),
+            "neighbor_row": pa.array(j, pa.int64()),
+            "id": pa.array([ids[k] for k in i], id_type),
+            "neighbor_id": pa.array([ids[k] for k in j], id_type),
+            "score": pa.array(s, pa.float32()),
+        }
+    )
 
 
-def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec, output: OutputFolder,
-                bar) -> int:
+def exact_pairs(
+    pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, bar
+) -> int:
     """Every pair i < j with score >= floor: each query part against every part at or after it."""
     import ray
 
@@ -69,8 +81,12 @@ def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: De
             continue
         ref = ray.put(source.loader([index])())
         start = offsets[index]
-        results = pool.call_each("pairs", lambda slot, r=ref, s=start: None if slice_ends[slot] <= s else
-                                (r, s, fn, floor, spec.block_size, True))
+        results = pool.call_each(
+            "pairs",
+            lambda slot, r=ref, s=start: (
+                None if slice_ends[slot] <= s else (r, s, fn, floor, spec.block_size, True)
+            ),
+        )
         i, j, s = (np.concatenate([r[k] for r in results]) if results else np.zeros(0) for k in range(3))
         table = pairs_table(i.astype(np.int64), j.astype(np.int64), s.astype(np.float32), ids)
         output.commit_part(f"{PAIRS_DIR}/pairs-{index:05d}.parquet", index, table)
@@ -79,8 +95,9 @@ def exact_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: De
     return found
 
 
-def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec,
-                      output: OutputFolder, log) -> dict:
+def partitioned_pairs(
+    pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, log
+) -> dict:
     """SemDeDup: seeded k-means over the workers, then exact pairs inside each cluster."""
     import torch
 
@@ -92,7 +109,11 @@ def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, sp
     rng = np.random.default_rng(spec.seed)
     sample_index = np.sort(rng.choice(n, size=min(n, KMEANS_SAMPLE), replace=False))
     sample = gather_vectors(pool, sample_index)
-    sample_t = torch.nn.functional.normalize(torch.as_tensor(sample), dim=1) if normalize else torch.as_tensor(sample)
+    sample_t = (
+        torch.nn.functional.normalize(torch.as_tensor(sample), dim=1)
+        if normalize
+        else torch.as_tensor(sample)
+    )
     centroids = init_centroids(sample_t, k, spec.seed)
     iterations = 0
     for iterations in range(1, spec.kmeans_iterations + 1):  # noqa: B007
@@ -107,8 +128,9 @@ def partitioned_pairs(pool, source: Source, ids: list, fn: str, floor: float, sp
     owners = pool.size
     log(f"k-means: {k} clusters after {iterations} iteration(s); exact pairs inside each cluster")
     found = 0
-    for owner, (i, j, s) in cluster_pairs(pool, centroids, fn, normalize, floor, spec.block_size,
-                                          output.committed(PAIRS_DIR)):
+    for owner, (i, j, s) in cluster_pairs(
+        pool, centroids, fn, normalize, floor, spec.block_size, output.committed(PAIRS_DIR)
+    ):
         table = pairs_table(i, j, s, ids)
         output.commit_part(f"{PAIRS_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
         found += table.num_rows
@@ -128,8 +150,10 @@ def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block
     finished = set(done)
     while True:
         try:
-            split_refs = [actor.split_by_cluster.options(num_returns=owners).remote(centroids, fn, normalize, owners)
-                          for actor in pool.actors]
+            split_refs = [
+                actor.split_by_cluster.options(num_returns=owners).remote(centroids, fn, normalize, owners)
+                for actor in pool.actors
+            ]
             if owners == 1:
                 split_refs = [[ref] for ref in split_refs]
             for owner in range(owners):
@@ -154,7 +178,9 @@ def gather_vectors(pool, index: np.ndarray) -> np.ndarray:
     return vectors[np.argsort(rows, kind="stable")]
 
 
-def estimate_recall(pool, source: Source, fn: str, threshold: float, spec: DedupSpec, found: pa.Table) -> dict:
+def estimate_recall(
+    pool, source: Source, fn: str, threshold: float, spec: DedupSpec, found: pa.Table
+) -> dict:
     """Recall of partitioned mode against exact search, for the pairs touching a seeded sample of rows."""
     import ray
 
@@ -169,11 +195,18 @@ def estimate_recall(pool, source: Source, fn: str, threshold: float, spec: Dedup
                 exact.add((min(a, b), max(a, b)))
     at = found.filter(pa.compute.greater_equal(found.column("score"), threshold))
     in_sample = set(sample.tolist())
-    partitioned = {(a, b) for a, b in zip(at.column("row").to_pylist(), at.column("neighbor_row").to_pylist(),
-                                          strict=True) if a in in_sample or b in in_sample}
+    partitioned = {
+        (a, b)
+        for a, b in zip(at.column("row").to_pylist(), at.column("neighbor_row").to_pylist(), strict=True)
+        if a in in_sample or b in in_sample
+    }
     hit = len(exact & partitioned)
-    return {"sample_rows": int(len(sample)), "exact_pairs": len(exact), "found_pairs": hit,
-            "recall": round(hit / len(exact), 4) if exact else 1.0}
+    return {
+        "sample_rows": int(len(sample)),
+        "exact_pairs": len(exact),
+        "found_pairs": hit,
+        "recall": round(hit / len(exact), 4) if exact else 1.0,
+    }
 
 
 def expected_pairs_parts(mode: str, source: Source, names: list[str]) -> set[str]:
@@ -181,8 +214,11 @@ def expected_pairs_parts(mode: str, source: Source, names: list[str]) -> set[str
     owner count read from the names themselves)."""
     if mode == "exact":
         return {f"pairs-{index:05d}.parquet" for index in range(len(source.parts))}
-    owners = {int(n[:-len(".parquet")].rsplit("-of-", 1)[1]) for n in names
-              if n.startswith("cluster-owner-") and n.endswith(".parquet")}
+    owners = {
+        int(n[: -len(".parquet")].rsplit("-of-", 1)[1])
+        for n in names
+        if n.startswith("cluster-owner-") and n.endswith(".parquet")
+    }
     return {f"cluster-owner-{o:05d}-of-{count:05d}.parquet" for count in owners for o in range(count)}
 
 
@@ -190,11 +226,15 @@ def read_pairs(output: OutputFolder, mode: str, source: Source) -> pa.Table:
     """Every committed pairs part, checksums verified, in part order; a DatasetError if any is missing."""
     receipts = output.committed(PAIRS_DIR)
     names = [r.part.rsplit("/", 1)[-1] for r in receipts.values()]
-    missing = sorted(expected_pairs_parts(mode, source, names) - set(names)) or ([] if names else ["pairs/*.parquet"])
+    missing = sorted(expected_pairs_parts(mode, source, names) - set(names)) or (
+        [] if names else ["pairs/*.parquet"]
+    )
     if missing:
         from pipeline.io.output import DatasetError
 
-        raise DatasetError(f"{output.url}: the pairs are incomplete (missing {missing[0]}); finish that dedup first "
-                           "(re-running it resumes)")
+        raise DatasetError(
+            f"{output.url}: the pairs are incomplete (missing {missing[0]}); finish that dedup first "
+            "(re-running it resumes)"
+        )
     tables = [output.read_part(receipts[number]) for number in sorted(receipts)]
     return pa.concat_tables(tables, promote_options="default")

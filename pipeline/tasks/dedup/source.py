@@ -41,8 +41,9 @@ class Source:
 
     def loader(self, indices) -> PartsLoader:
         """A picklable reader of the given parts' vectors (for an actor)."""
-        return PartsLoader(self.root, tuple(self.parts[i] for i in indices), self.folder.storage_options,
-                           self.metadata)
+        return PartsLoader(
+            self.root, tuple(self.parts[i] for i in indices), self.folder.storage_options, self.metadata
+        )
 
     def read_part(self, index: int, columns: list[str] | None = None) -> pa.Table:
         """Part ``index``, checked against its manifest checksum."""
@@ -68,8 +69,11 @@ class Source:
             if column not in table.column_names:
                 raise DedupError(f"{where}: no column {column!r} (embed with --keep-columns {column})")
             picked = table.take(pa.array(local))
-            values = (float_vectors(picked, self.metadata, where) if column == "embedding"
-                      else picked.column(column).to_pylist())
+            values = (
+                float_vectors(picked, self.metadata, where)
+                if column == "embedding"
+                else picked.column(column).to_pylist()
+            )
             for row, value in zip(local + offsets[index], values, strict=True):
                 out[int(row)] = value
         return out
@@ -89,7 +93,9 @@ def resolve_source(spec: DedupSpec, output: OutputFolder, log) -> Source:
     url = spec.input[0].rstrip("/") if len(spec.input) == 1 else None
     given = OutputFolder(url, storage_options) if url else None
     if given is not None and given.read_json(PLAN_FILE) is not None and not given.is_complete():
-        raise DatasetError(f"{url}: an embed output that is not complete (no _SUCCESS); finish the embed first")
+        raise DatasetError(
+            f"{url}: an embed output that is not complete (no _SUCCESS); finish the embed first"
+        )
     if given is not None and given.is_complete():
         source = load_source(given, raw=False)
         if spec.model:
@@ -112,12 +118,23 @@ def resolve_source(spec: DedupSpec, output: OutputFolder, log) -> Source:
     names = corpus.source_schema(sources[0], storage_options).names
     id_column = spec.id_column or ("id" if "id" in names else None)
     log(f"embedding the raw corpus into {target.url}")
-    run_embed(EmbedSpec(
-        model=spec.model, input=list(spec.input), output=target.url, text_column=spec.text_column,
-        id_column=spec.id_column, keep_columns=[n for n in names if n != id_column],
-        rows_per_shard=spec.rows_per_shard, workers=spec.workers, ray_address=spec.ray_address,
-        storage_option=list(spec.storage_option), progress=spec.progress, overwrite=spec.overwrite,
-    ), log=log)
+    run_embed(
+        EmbedSpec(
+            model=spec.model,
+            input=list(spec.input),
+            output=target.url,
+            text_column=spec.text_column,
+            id_column=spec.id_column,
+            keep_columns=[n for n in names if n != id_column],
+            rows_per_shard=spec.rows_per_shard,
+            workers=spec.workers,
+            ray_address=spec.ray_address,
+            storage_option=list(spec.storage_option),
+            progress=spec.progress,
+            overwrite=spec.overwrite,
+        ),
+        log=log,
+    )
     return load_source(target, raw=True)
 
 

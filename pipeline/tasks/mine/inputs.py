@@ -28,19 +28,27 @@ def read_table(urls: list[str], storage_options: dict, what: str) -> pa.Table:
     try:
         return pa.concat_tables(tables, promote_options="default")
     except pa.ArrowInvalid as exc:
-        raise corpus_io.CorpusError(f"{what} {', '.join(urls)}: the files' schemas disagree ({exc})") from None
+        raise corpus_io.CorpusError(
+            f"{what} {', '.join(urls)}: the files' schemas disagree ({exc})"
+        ) from None
 
 
 def pair_columns(table: pa.Table, spec: MineSpec, where: str) -> tuple[str, str]:
     """The anchor and positive columns: as given, else the first two text columns (as sentence-transformers)."""
-    text_columns = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    text_columns = [
+        f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+    ]
     anchor = spec.anchor_column or (text_columns[0] if text_columns else None)
     positive = spec.positive_column or next((c for c in text_columns if c != anchor), None)
     for role, name in (("anchor", anchor), ("positive", positive)):
         if name is None:
-            raise corpus_io.CorpusError(f"{where}: no {role} column (found text columns: {text_columns or 'none'})")
+            raise corpus_io.CorpusError(
+                f"{where}: no {role} column (found text columns: {text_columns or 'none'})"
+            )
         if name not in table.column_names:
-            raise corpus_io.CorpusError(f"{where}: missing {role} column {name!r}; has {', '.join(table.column_names)}")
+            raise corpus_io.CorpusError(
+                f"{where}: missing {role} column {name!r}; has {', '.join(table.column_names)}"
+            )
     return anchor, positive
 
 
@@ -69,13 +77,17 @@ def read_corpus(spec: MineSpec, storage_options: dict, fingerprint: str, corpus_
         column = metadata.get("text_column") or spec.corpus_text_column
         table = read_dataset(url, storage_options)
         if column not in table.column_names:
-            raise DatasetError(f"{url}: the embed output has no text column {column!r} "
-                               f"(embed it with --keep-columns {column})")
+            raise DatasetError(
+                f"{url}: the embed output has no text column {column!r} "
+                f"(embed it with --keep-columns {column})"
+            )
         reuse = metadata.get("fingerprint") == fingerprint and (metadata.get("prompt") or "") == corpus_prompt
         vectors = float_vectors(table, metadata, url) if reuse else None
         return CorpusSource(texts(table, column, url), vectors, url if reuse else None)
     table = read_table(spec.corpus, storage_options, "corpus")
     if spec.corpus_text_column not in table.column_names:
-        raise corpus_io.CorpusError(f"{', '.join(spec.corpus)}: missing corpus text column "
-                                    f"{spec.corpus_text_column!r}; has {', '.join(table.column_names)}")
+        raise corpus_io.CorpusError(
+            f"{', '.join(spec.corpus)}: missing corpus text column "
+            f"{spec.corpus_text_column!r}; has {', '.join(table.column_names)}"
+        )
     return CorpusSource(texts(table, spec.corpus_text_column, ", ".join(spec.corpus)))

@@ -37,8 +37,20 @@ REPORT_FILE = "report.json"
 
 
 def mining_options(spec: MineSpec, max_positives: int) -> rules.MiningOptions:
-    names = ("range_min", "range_max", "max_score", "min_score", "absolute_margin", "relative_margin",
-             "num_negatives", "sampling_strategy", "seed", "include_positives", "output_format", "output_scores")
+    names = (
+        "range_min",
+        "range_max",
+        "max_score",
+        "min_score",
+        "absolute_margin",
+        "relative_margin",
+        "num_negatives",
+        "sampling_strategy",
+        "seed",
+        "include_positives",
+        "output_format",
+        "output_scores",
+    )
     values = {name: getattr(spec, name) for name in names}
     values = rules.apply_preset(values, spec.preset, set(explicit_keys(spec)))
     return rules.resolve_options(rules.MiningOptions(**values), max_positives)
@@ -53,17 +65,27 @@ def prompts_for(spec: MineSpec, description: dict) -> tuple[str, str]:
             return literal
         if name is not None:
             if name not in prompts:
-                raise ValueError(f"prompt name {name!r} is not defined by the model "
-                                 f"(defined: {', '.join(sorted(prompts)) or 'none'})")
+                raise ValueError(
+                    f"prompt name {name!r} is not defined by the model "
+                    f"(defined: {', '.join(sorted(prompts)) or 'none'})"
+                )
             return prompts[name]
         return prompts.get(default_name, "")
 
-    return (pick(spec.query_prompt, spec.query_prompt_name, "query"),
-            pick(spec.corpus_prompt, spec.corpus_prompt_name, "document"))
+    return (
+        pick(spec.query_prompt, spec.query_prompt_name, "query"),
+        pick(spec.corpus_prompt, spec.corpus_prompt_name, "document"),
+    )
 
 
 def is_mine_file(name: str) -> bool:
-    return name.startswith("part-") or name in (SUCCESS_FILE, PLAN_FILE, MANIFEST_FILE, REPORT_FILE, RECEIPTS_DIR)
+    return name.startswith("part-") or name in (
+        SUCCESS_FILE,
+        PLAN_FILE,
+        MANIFEST_FILE,
+        REPORT_FILE,
+        RECEIPTS_DIR,
+    )
 
 
 def histogram(values: np.ndarray, bins: int = 20) -> dict:
@@ -76,14 +98,25 @@ def histogram(values: np.ndarray, bins: int = 20) -> dict:
 
 def check_output_columns(options: rules.MiningOptions, anchor_col: str, positive_col: str) -> None:
     """Column names that would clash with the format's own columns fail now, not after the encoding."""
-    build_table(options.output_format, anchors=[], positives=[], positive_scores=[], negatives=[],
-                negative_scores=[], num_negatives=options.num_negatives, output_scores=options.output_scores,
-                anchor_column=anchor_col, positive_column=positive_col)
+    build_table(
+        options.output_format,
+        anchors=[],
+        positives=[],
+        positive_scores=[],
+        negatives=[],
+        negative_scores=[],
+        num_negatives=options.num_negatives,
+        output_scores=options.output_scores,
+        anchor_column=anchor_col,
+        positive_column=positive_col,
+    )
 
 
 def committed_parts(output: OutputFolder, count: int) -> dict[int, dict]:
     """Receipts of the parts a previous run committed (part and receipt both present), as dicts."""
-    return {n: r.to_dict() for n, r in output.committed().items() if n < count and "positive_scores" in r.details}
+    return {
+        n: r.to_dict() for n, r in output.committed().items() if n < count and "positive_scores" in r.details
+    }
 
 
 def run_mine(spec: MineSpec, log=None) -> dict:
@@ -119,44 +152,90 @@ def run_mine(spec: MineSpec, log=None) -> dict:
     check_output_columns(options, anchor_col, positive_col)
     fn = model_config.similarity_fn_name
     k = rules.candidate_count(options, groups.max_positives, len(groups.corpus))
-    key = plan_key({"model": model_fingerprint, "pairs": hashlib.sha256(
-        json.dumps([anchors_in, positives_in]).encode()).hexdigest(), "corpus": hashlib.sha256(
-        json.dumps(extra.texts).encode()).hexdigest(), "options": asdict(options), "query_prompt": query_prompt,
-        "corpus_prompt": corpus_prompt, "columns": [anchor_col, positive_col], "block": spec.anchors_per_block})
+    key = plan_key(
+        {
+            "model": model_fingerprint,
+            "pairs": hashlib.sha256(json.dumps([anchors_in, positives_in]).encode()).hexdigest(),
+            "corpus": hashlib.sha256(json.dumps(extra.texts).encode()).hexdigest(),
+            "options": asdict(options),
+            "query_prompt": query_prompt,
+            "corpus_prompt": corpus_prompt,
+            "columns": [anchor_col, positive_col],
+            "block": spec.anchors_per_block,
+        }
+    )
     output.claim("mine", key, {}, overwrite=spec.overwrite, owned=is_mine_file, log=log)
 
     blocks = list(range(0, len(groups.anchors), spec.anchors_per_block))
     done = committed_parts(output, len(blocks))
     todo = [number for number in range(len(blocks)) if number not in done]
-    log(f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
-        f"{k} candidates per anchor; {len(blocks)} part(s), {len(done)} already committed")
+    log(
+        f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
+        f"{k} candidates per anchor; {len(blocks)} part(s), {len(done)} already committed"
+    )
     timings: dict = {}
     workers = replaced = 0
     if todo:
         output.mark_incomplete()  # a part went missing since a complete run: not complete until it is back
-        workers, replaced = mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo,
-                              done, output, anchor_col, positive_col, model_dir, storage_options, timings,
-                              tqdm, log)
+        workers, replaced = mine_blocks(
+            spec,
+            groups,
+            extra,
+            options,
+            fn,
+            k,
+            query_prompt,
+            corpus_prompt,
+            blocks,
+            todo,
+            done,
+            output,
+            anchor_col,
+            positive_col,
+            model_dir,
+            storage_options,
+            timings,
+            tqdm,
+            log,
+        )
 
     # The report comes from the receipts, so a resumed run reports exactly what a single run would.
     totals = rules.MiningStats()
     for number in range(len(blocks)):
         totals = totals + rules.MiningStats(**done[number]["stats"])
-    positive_scores_all = np.concatenate([np.asarray(done[n]["positive_scores"], np.float32) for n in sorted(done)])
-    negative_scores_all = np.concatenate([np.asarray(done[n]["negative_scores"], np.float32) for n in sorted(done)])
+    positive_scores_all = np.concatenate(
+        [np.asarray(done[n]["positive_scores"], np.float32) for n in sorted(done)]
+    )
+    negative_scores_all = np.concatenate(
+        [np.asarray(done[n]["negative_scores"], np.float32) for n in sorted(done)]
+    )
     timings["total_seconds"] = round(time.perf_counter() - started, 3)
     report = {
-        "output": output.url, "output_format": options.output_format, "pairs_in": len(pairs),
-        "anchors_in": len(groups.anchors), "anchors_out": sum(done[n]["anchors_out"] for n in done),
-        "corpus_size": len(groups.corpus), "corpus_reused_from": extra.reused_from,
-        "rows_out": sum(done[n]["rows"] for n in done), "parts": len(blocks),
-        "parts_written": len(todo), "parts_resumed": len(blocks) - len(todo), "candidates_per_anchor": k,
-        "anchors_short_of_negatives": totals.short_anchors, "negatives": totals.negatives,
-        "dropped": totals.dropped, "padding": totals.padding, "similarity_fn_name": fn,
-        "options": asdict(options), "query_prompt": query_prompt, "corpus_prompt": corpus_prompt,
+        "output": output.url,
+        "output_format": options.output_format,
+        "pairs_in": len(pairs),
+        "anchors_in": len(groups.anchors),
+        "anchors_out": sum(done[n]["anchors_out"] for n in done),
+        "corpus_size": len(groups.corpus),
+        "corpus_reused_from": extra.reused_from,
+        "rows_out": sum(done[n]["rows"] for n in done),
+        "parts": len(blocks),
+        "parts_written": len(todo),
+        "parts_resumed": len(blocks) - len(todo),
+        "candidates_per_anchor": k,
+        "anchors_short_of_negatives": totals.short_anchors,
+        "negatives": totals.negatives,
+        "dropped": totals.dropped,
+        "padding": totals.padding,
+        "similarity_fn_name": fn,
+        "options": asdict(options),
+        "query_prompt": query_prompt,
+        "corpus_prompt": corpus_prompt,
         "positive_score_histogram": histogram(positive_scores_all),
         "negative_score_histogram": histogram(negative_scores_all),
-        "timings": timings, "workers": workers, "actors_replaced": replaced,
+        "timings": timings,
+        "workers": workers,
+        "actors_replaced": replaced,
     }
     output.write_json(REPORT_FILE, report)
     output.finish({"job": "mine"}, expected={"": list(range(len(blocks)))})

@@ -25,8 +25,12 @@ def encode_all(pool, jobs: list[tuple[object, list[str], str]]) -> dict:
         texts, prompt = ticket.item
         return actor.encode_counted.options(num_returns=2).remote(texts, prompt)
 
-    pool.run_queue([(key, (texts, prompt)) for key, texts, prompt in jobs], submit, lookahead=False,
-                   on_result=lambda key, _item, result: refs.__setitem__(key, result[1]))
+    pool.run_queue(
+        [(key, (texts, prompt)) for key, texts, prompt in jobs],
+        submit,
+        lookahead=False,
+        on_result=lambda key, _item, result: refs.__setitem__(key, result[1]),
+    )
     return refs
 
 
@@ -40,12 +44,33 @@ class VectorsLoader:
     def __call__(self) -> np.ndarray:
         import ray
 
-        arrays = ([self.reused] if self.reused is not None else []) + [np.asarray(a) for a in ray.get(list(self.chunks))]
+        arrays = ([self.reused] if self.reused is not None else []) + [
+            np.asarray(a) for a in ray.get(list(self.chunks))
+        ]
         return np.concatenate(arrays).astype(np.float32, copy=False)
 
 
-def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt, blocks, todo, done,
-                output: OutputFolder, anchor_col, positive_col, model_dir, storage_options, timings, tqdm, log) -> int:
+def mine_blocks(
+    spec,
+    groups,
+    extra,
+    options,
+    fn,
+    k,
+    query_prompt,
+    corpus_prompt,
+    blocks,
+    todo,
+    done,
+    output: OutputFolder,
+    anchor_col,
+    positive_col,
+    model_dir,
+    storage_options,
+    timings,
+    tqdm,
+    log,
+) -> int:
     """Encode on the encoder actors, search on the index actors, commit the parts in ``todo`` (receipts
     go into ``done``); returns the number of workers and of actors replaced on the way."""
     import ray
@@ -71,10 +96,18 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
     else:
         reused_vectors = None
     texts = groups.corpus[reused:]
-    jobs = [(("corpus", i), texts[start : start + spec.texts_per_task], corpus_prompt)
-            for i, start in enumerate(range(0, len(texts), spec.texts_per_task))]
-    jobs += [(("anchors", number), groups.anchors[blocks[number] : blocks[number] + spec.anchors_per_block],
-              query_prompt) for number in todo]
+    jobs = [
+        (("corpus", i), texts[start : start + spec.texts_per_task], corpus_prompt)
+        for i, start in enumerate(range(0, len(texts), spec.texts_per_task))
+    ]
+    jobs += [
+        (
+            ("anchors", number),
+            groups.anchors[blocks[number] : blocks[number] + spec.anchors_per_block],
+            query_prompt,
+        )
+        for number in todo
+    ]
     model_options = {"allow_pickle": spec.allow_pickle, "storage_options": storage_options}
     with ray_actors.encoder_pool(plan, str(model_dir), model_options) as encoders:
         encoded = encode_all(encoders, jobs)
@@ -85,8 +118,10 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
 
     # Index actors: contiguous slices of the corpus chunks.
     workers = max(1, min(plan.workers, len(corpus_refs) + (reused_vectors is not None)))
-    chunk_sizes = [min(spec.texts_per_task, len(groups.corpus) - reused - i * spec.texts_per_task)
-                   for i in range(len(corpus_refs))]
+    chunk_sizes = [
+        min(spec.texts_per_task, len(groups.corpus) - reused - i * spec.texts_per_task)
+        for i in range(len(corpus_refs))
+    ]
     loaders, offset = [], 0
     per_worker = -(-len(corpus_refs) // workers) if corpus_refs else 0
     for w in range(workers):
@@ -110,22 +145,40 @@ def mine_blocks(spec, groups, extra, options, fn, k, query_prompt, corpus_prompt
                 needed = np.unique(np.concatenate(positive_idx))
                 found = index.call_each("rows", lambda slot, needed=needed: (needed,))
                 lookup = {int(r): v for rows, vecs in found for r, v in zip(rows, vecs, strict=True)}
-                pos_scores = [scores_between(anchor_vectors[i], np.stack([lookup[int(p)] for p in idx]), fn)
-                              for i, idx in enumerate(positive_idx)]
+                pos_scores = [
+                    scores_between(anchor_vectors[i], np.stack([lookup[int(p)] for p in idx]), fn)
+                    for i, idx in enumerate(positive_idx)
+                ]
                 partial = index.call_each("topk", lambda slot, q=anchor_vectors: (q, fn, k, spec.block_size))
-                scores, indices = merge_topk([(torch.as_tensor(s), torch.as_tensor(i)) for s, i in partial], k)
-                mined = rules.select_negatives(scores, indices, positive_idx, pos_scores, options,
-                                               groups.max_positives, anchor_offset=start)
+                scores, indices = merge_topk(
+                    [(torch.as_tensor(s), torch.as_tensor(i)) for s, i in partial], k
+                )
+                mined = rules.select_negatives(
+                    scores,
+                    indices,
+                    positive_idx,
+                    pos_scores,
+                    options,
+                    groups.max_positives,
+                    anchor_offset=start,
+                )
                 table = build_table(
-                    options.output_format, anchors=groups.anchors[start:stop],
+                    options.output_format,
+                    anchors=groups.anchors[start:stop],
                     positives=[[groups.corpus[p] for p in idx] for idx in positive_idx],
                     positive_scores=pos_scores,
                     negatives=[[groups.corpus[n] for n in idx] for idx in mined.negative_indices],
-                    negative_scores=mined.negative_scores, num_negatives=options.num_negatives,
-                    output_scores=options.output_scores, anchor_column=anchor_col, positive_column=positive_col,
+                    negative_scores=mined.negative_scores,
+                    num_negatives=options.num_negatives,
+                    output_scores=options.output_scores,
+                    anchor_column=anchor_col,
+                    positive_column=positive_col,
                 )
                 receipt = output.commit_part(
-                    name, number, table, anchors_out=len(set(table.column(anchor_col).to_pylist())),
+                    name,
+                    number,
+                    table,
+                    anchors_out=len(set(table.column(anchor_col).to_pylist())),
                     stats=mined.stats.as_dict(),
                     positive_scores=[float(s) for block in pos_scores for s in block],
                     negative_scores=[float(s) for block in mined.negative_scores for s in block],

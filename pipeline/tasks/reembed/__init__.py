@@ -7,4 +7,12 @@ delta and assembles the next version; the store itself is `pipeline.io.versioned
 from pipeline.io.versioned_store import LATEST_FILE, LOCK_FILE, STAGING_DIR, LockHeld, latest_version_url
 from pipeline.tasks.reembed.job import ReembedError, run_reembed
 
-__all__ = ["LATEST_FILE", "LOCK_FILE", "STAGING_DIR", "LockHeld", "ReembedError", "latest_version_url", "run_reembed"]
+__all__ = [
+    "LATEST_FILE",
+    "LOCK_FILE",
+    "STAGING_DIR",
+    "LockHeld",
+    "ReembedError",
+    "latest_version_url",
+    "run_reembed",
+]

@@ -33,7 +33,9 @@ class CorpusIndex:
     keep_digest: str | None
 
 
-def index_corpus(shards: list[Shard], columns, prompt: str, on_null: str, storage_options: dict) -> CorpusIndex:
+def index_corpus(
+    shards: list[Shard], columns, prompt: str, on_null: str, storage_options: dict
+) -> CorpusIndex:
     """One read of the text, id and kept columns: a row's hash, place and kept values; texts are dropped.
     Every id must occur once (the error names both rows)."""
     parts: list[pa.Table] = []
@@ -48,11 +50,17 @@ def index_corpus(shards: list[Shard], columns, prompt: str, on_null: str, storag
             table, ids, rows = table.filter(mask), pc.filter(ids, mask), rows[keep]
             skipped += int((~keep).sum())
         kept = {name: table.column(name).combine_chunks() for name in columns.keep}
-        parts.append(pa.table({
-            "id": ids, HASH_COLUMN: pa.array([content_hash(prompt, t) for t in texts], pa.string()),
-            "__shard": pa.array(np.full(len(rows), number, dtype=np.int32)), "__row": pa.array(rows),
-            **{f"keep:{name}": array for name, array in kept.items()},
-        }))
+        parts.append(
+            pa.table(
+                {
+                    "id": ids,
+                    HASH_COLUMN: pa.array([content_hash(prompt, t) for t in texts], pa.string()),
+                    "__shard": pa.array(np.full(len(rows), number, dtype=np.int32)),
+                    "__row": pa.array(rows),
+                    **{f"keep:{name}": array for name, array in kept.items()},
+                }
+            )
+        )
     table = pa.concat_tables(parts, promote_options="permissive").combine_chunks()
     check_unique(table, shards)
     return CorpusIndex(table, skipped, kept_digest(table, columns.keep))
@@ -91,8 +99,10 @@ def check_unique(table: pa.Table, shards: list[Shard]) -> None:
         shard = shards[table.column("__shard")[row].as_py()]
         return f"{shard.url} row {table.column('__row')[row].as_py()}"
 
-    raise CorpusError(f"{where(second)}: duplicate id {value!r} (first at {where(first)}); reembed matches "
-                      "rows by id, so every id must occur once")
+    raise CorpusError(
+        f"{where(second)}: duplicate id {value!r} (first at {where(first)}); reembed matches "
+        "rows by id, so every id must occur once"
+    )
 
 
 def id_type_of(schemas: dict[str, pa.Schema], id_column: str) -> str:
@@ -128,14 +138,21 @@ def diff(current: pa.Table, old: pa.Table | None) -> Diff:
     """Two hash lookups over whole columns (never one per row or per part)."""
     rows = current.num_rows
     if old is None:
-        empty = pa.table({"id": current.column("id").slice(0, 0), "__part": pa.array([], pa.int32()),
-                          "__row": pa.array([], pa.int64()), "__cur": pa.array([], pa.int32())})
+        empty = pa.table(
+            {
+                "id": current.column("id").slice(0, 0),
+                "__part": pa.array([], pa.int32()),
+                "__row": pa.array([], pa.int64()),
+                "__cur": pa.array([], pa.int32()),
+            }
+        )
         return Diff(pa.array(np.ones(rows, bool)), pa.array(np.zeros(rows, bool)), empty, 0)
     current_ids = current.column("id").combine_chunks()
     old_to_current = pc.index_in(old.column("id"), value_set=current_ids)
     present = pc.is_valid(old_to_current)
-    same = pc.and_(present, pc.equal(old.column(HASH_COLUMN),
-                                     pc.take(current.column(HASH_COLUMN), old_to_current)))
+    same = pc.and_(
+        present, pc.equal(old.column(HASH_COLUMN), pc.take(current.column(HASH_COLUMN), old_to_current))
+    )
     same = pc.fill_null(same, False)
     carried = old.append_column("__cur", old_to_current).filter(same)
     in_old = pc.is_in(current_ids, value_set=old.column("id").combine_chunks())

@@ -65,8 +65,16 @@ class ReembedError(StoreError):
 # -- staging: the delta corpus and its embedding --------------------------------------------------
 
 
-def write_delta(store: Store, stage: str, shards: list[Shard], columns, index: CorpusIndex, delta: pa.Array,
-                on_null: str, rows_per_file: int) -> str:
+def write_delta(
+    store: Store,
+    stage: str,
+    shards: list[Shard],
+    columns,
+    index: CorpusIndex,
+    delta: pa.Array,
+    on_null: str,
+    rows_per_file: int,
+) -> str:
     """Copy the new and changed rows (id and text) into ``_staging/<version>/delta/``, reading again only
     the shards that hold any. The same delta gives byte-identical files, so a re-run after a crash meets
     the same embed plan and resumes its committed shards. Returns the folder's URL."""
@@ -101,14 +109,24 @@ def write_delta(store: Store, stage: str, shards: list[Shard], columns, index: C
     return store.url_of(STAGING_DIR, stage, "delta")
 
 
-def staging_spec(spec: ReembedSpec, inputs: list[str], output: str, columns, precision: str,
-                 on_null: str) -> EmbedSpec:
+def staging_spec(
+    spec: ReembedSpec, inputs: list[str], output: str, columns, precision: str, on_null: str
+) -> EmbedSpec:
     """The embed job's spec for this run: the reembed options it shares, ids from the resolved column,
     no kept columns (those come from the corpus index), and overwrite so a different delta replaces
     a crashed run's leftovers while an identical one resumes."""
     shared = {f.name: getattr(spec, f.name) for f in dataclasses.fields(EmbedSpec) if hasattr(spec, f.name)}
-    shared.update(input=inputs, output=output, id_column=columns.id, text_column=columns.text, keep_columns=[],
-                  precision=precision, on_null=on_null, on_duplicate_id="keep", overwrite=True)
+    shared.update(
+        input=inputs,
+        output=output,
+        id_column=columns.id,
+        text_column=columns.text,
+        keep_columns=[],
+        precision=precision,
+        on_null=on_null,
+        on_duplicate_id="keep",
+        overwrite=True,
+    )
     return EmbedSpec(**shared)
 
 
@@ -176,16 +194,32 @@ def staged_rows(store: Store, staging: str, index: CorpusIndex, expected: pa.Arr
     current = pc.index_in(staged.column("id"), value_set=index.table.column("id").combine_chunks())
     wanted = int(pc.sum(expected).as_py() or 0)
     found = current.drop_null()
-    if (current.null_count or len(found) != wanted or pc.count_distinct(found).as_py() != wanted
-            or not pc.all(pc.take(expected, found)).as_py()):
-        raise ReembedError(f"{staging}: the embedded rows do not match the {wanted} rows planned; the corpus "
-                           "changed during the run: run again")
+    if (
+        current.null_count
+        or len(found) != wanted
+        or pc.count_distinct(found).as_py() != wanted
+        or not pc.all(pc.take(expected, found)).as_py()
+    ):
+        raise ReembedError(
+            f"{staging}: the embedded rows do not match the {wanted} rows planned; the corpus "
+            "changed during the run: run again"
+        )
     return staged.append_column("__cur", current)
 
 
-def assemble(store: Store, name: str, index: CorpusIndex, carried: pa.Table, old: Snapshot | None,
-             staging: str | None, staged: pa.Table | None, metadata: dict, spec: ReembedSpec,
-             columns, calibration: dict | None) -> int:
+def assemble(
+    store: Store,
+    name: str,
+    index: CorpusIndex,
+    carried: pa.Table,
+    old: Snapshot | None,
+    staging: str | None,
+    staged: pa.Table | None,
+    metadata: dict,
+    spec: ReembedSpec,
+    columns,
+    calibration: dict | None,
+) -> int:
     """Write version ``name``: carried rows (old vectors, bit for bit), then the embedded ones."""
     store.remove(name)  # what a crashed attempt at this version left
     writer = PartWriter(store.child(name), metadata, spec.rows_per_shard)
@@ -230,10 +264,17 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
     columns = resolve_columns(spec, schemas)
     if columns.id is None:
-        raise SpecError(f"id_column: reembed matches rows by id, and {', '.join(spec.input)} has no 'id' column; "
-                        "name the column holding stable ids with --id-column (id_column in a spec)")
-    options = {"fingerprint": model_fingerprint, "prompt": prompt, "precision": spec.precision,
-               "dtype": spec.dtype, "id_type": id_type_of(schemas, columns.id)}
+        raise SpecError(
+            f"id_column: reembed matches rows by id, and {', '.join(spec.input)} has no 'id' column; "
+            "name the column holding stable ids with --id-column (id_column in a spec)"
+        )
+    options = {
+        "fingerprint": model_fingerprint,
+        "prompt": prompt,
+        "precision": spec.precision,
+        "dtype": spec.dtype,
+        "id_type": id_type_of(schemas, columns.id),
+    }
 
     with store_lock(store, spec.break_lock, log):
         latest = store.latest()
@@ -241,8 +282,11 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
         following = clean_leftovers(store, latest, log)
         reasons = [] if old else ["no earlier version"]
         if old:
-            reasons += [f"{key} changed ({short(old.options.get(key))} -> {short(options[key])})"
-                        for key in VECTOR_OPTIONS if old.options.get(key) != options[key]]
+            reasons += [
+                f"{key} changed ({short(old.options.get(key))} -> {short(options[key])})"
+                for key in VECTOR_OPTIONS
+                if old.options.get(key) != options[key]
+            ]
         full = bool(reasons)
 
         shards = corpus.plan_shards(sources, spec.rows_per_shard, storage_options)
@@ -257,14 +301,24 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
         counts = changes.counts
         old_digest = (old.manifest.get("reembed") or {}).get("keep_digest") if old else None
         kept_changed = old is not None and index.keep_digest != old_digest
-        log(f"{index.table.num_rows} rows: {counts['new']} new, {counts['changed']} changed, "
+        log(
+            f"{index.table.num_rows} rows: {counts['new']} new, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged, {counts['deleted']} deleted"
-            + (f"; full re-embed: {'; '.join(reasons)}" if full else ""))
+            + (f"; full re-embed: {'; '.join(reasons)}" if full else "")
+        )
 
         summary: dict = {
-            "store": redact(store.url), "version": latest, "written": False, "previous": latest,
-            "full": full, "reason": "; ".join(reasons) or None, "rows": index.table.num_rows, **counts,
-            "embedded": 0, "skipped_rows": index.skipped_rows, "kept_columns_changed": kept_changed,
+            "store": redact(store.url),
+            "version": latest,
+            "written": False,
+            "previous": latest,
+            "full": full,
+            "reason": "; ".join(reasons) or None,
+            "rows": index.table.num_rows,
+            **counts,
+            "embedded": 0,
+            "skipped_rows": index.skipped_rows,
+            "kept_columns_changed": kept_changed,
         }
         if not full and not (counts["new"] or counts["changed"] or counts["deleted"] or kept_changed):
             log(f"the corpus is unchanged since {latest}; no new version")
@@ -283,20 +337,27 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
                 inputs = list(spec.input)
                 precision, on_null = spec.precision, "empty" if spec.on_null == "fail" else spec.on_null
             else:
-                inputs = [write_delta(store, following, shards, columns, index, embedded, spec.on_null,
-                                      spec.rows_per_shard)]
+                inputs = [
+                    write_delta(
+                        store, following, shards, columns, index, embedded, spec.on_null, spec.rows_per_shard
+                    )
+                ]
                 precision, on_null = spec.precision, "empty"
                 if spec.precision == "int8":  # new rows must use the store's ranges, not their own
                     precision = "float32"
                     calibration = dataset_metadata(old.url, storage_options).get("int8_calibration")
                     if calibration is None:
                         raise ReembedError(f"{old.url}: an int8 version without int8_calibration metadata")
-            embed_summary = run_embed(staging_spec(spec, inputs, staging, columns, precision, on_null), log=log)
+            embed_summary = run_embed(
+                staging_spec(spec, inputs, staging, columns, precision, on_null), log=log
+            )
             staged = staged_rows(store, staging, index, embedded)
             metadata = dataset_metadata(staging, storage_options)
             if metadata.get("fingerprint") != model_fingerprint or (metadata.get("prompt") or "") != prompt:
-                raise ReembedError(f"{staging}: embedded with another model or prompt than planned "
-                                   "(did the model change during the run?); run again")
+                raise ReembedError(
+                    f"{staging}: embedded with another model or prompt than planned "
+                    "(did the model change during the run?); run again"
+                )
             if calibration is not None:
                 metadata.update(precision="int8", int8_calibration=calibration)
         else:
@@ -305,21 +366,43 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
 
         summary.update(version=following, written=True, embedded=int(pc.sum(embedded).as_py() or 0))
         if embed_summary:
-            summary["embed"] = {k: embed_summary.get(k) for k in
-                                ("rows", "tokens", "seconds", "shards", "workers", "rows_per_second")}
-        parts = assemble(store, following, index, changes.carried, None if full else old,
-                         staging if staged is not None else None, staged, metadata, spec, columns, calibration)
+            summary["embed"] = {
+                k: embed_summary.get(k)
+                for k in ("rows", "tokens", "seconds", "shards", "workers", "rows_per_second")
+            }
+        parts = assemble(
+            store,
+            following,
+            index,
+            changes.carried,
+            None if full else old,
+            staging if staged is not None else None,
+            staged,
+            metadata,
+            spec,
+            columns,
+            calibration,
+        )
         summary["seconds"] = round(time.perf_counter() - started, 2)
         manifest = {
-            "metadata": metadata, "summary": summary, "versions": versions(),
+            "metadata": metadata,
+            "summary": summary,
+            "versions": versions(),
             "input": [redact(u) for u in spec.input],
-            "reembed": {"version": following, "previous": latest, "options": options,
-                        "keep_columns": list(columns.keep), "keep_digest": index.keep_digest,
-                        "hash": "sha256(prompt + NUL + text)"},
+            "reembed": {
+                "version": following,
+                "previous": latest,
+                "options": options,
+                "keep_columns": list(columns.keep),
+                "keep_digest": index.keep_digest,
+                "hash": "sha256(prompt + NUL + text)",
+            },
         }
         store.child(following).finish(manifest, expected={"": list(range(parts))})
         store.write_latest(following, {"previous": latest, "rows": index.table.num_rows, "created": now()})
-        log(f"{store.url_of(following)}: {index.table.num_rows} rows in {parts} part(s); {LATEST_FILE} updated")
+        log(
+            f"{store.url_of(following)}: {index.table.num_rows} rows in {parts} part(s); {LATEST_FILE} updated"
+        )
         store.remove(STAGING_DIR)
         summary["pruned"] = prune(store, spec.keep, following, log)
         summary["seconds"] = round(time.perf_counter() - started, 2)
