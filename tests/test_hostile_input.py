@@ -28,6 +28,7 @@ import pytest
 from pipeline import cli
 from pipeline.io.dataset import embeddings_of, read_dataset
 from pipeline.model import load_encoder
+from tests.support.float32 import forward_error
 from tests.support.outputcheck import check_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +295,8 @@ def test_hostile_input_is_embedded(flags: tuple[str, ...], ray_local, tiny_model
     vectors = embeddings_of(table)
     assert np.isfinite(vectors).all()
     want = load_encoder(tiny_model_dir, device="cpu").encode([text or "" for _, text in got])
-    np.testing.assert_allclose(vectors, want, rtol=0, atol=1e-5)
+    # other batches than the job's: equal up to the float32 rounding of a forward pass
+    assert (np.abs(vectors - want.astype(np.float64)) <= forward_error(want, tiny_model_dir)).all()
     FIGURES["cases"] += len(GROUPS[flags])
     FIGURES["embedded runs"] += 1
     FIGURES["rows out"] += summary["rows"]

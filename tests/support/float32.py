@@ -83,3 +83,16 @@ def forward_error(reference: np.ndarray, model_dir: str | Path) -> np.ndarray:
     layers = int(settings.get("num_hidden_layers", 1))
     width = max(int(settings.get("hidden_size", reference.shape[1])), int(settings.get("intermediate_size", 0)))
     return 2 * np.sqrt(layers + 1) * sum_error(width) * np.linalg.norm(reference, axis=1, keepdims=True)
+
+
+def encoded_cosine_error(model_dir: str | Path, dim: int | None = None) -> float:
+    """Bound on how far two float32 cosine scores of the same pair of texts may lie apart when each side
+    encodes the texts with the same model on its own (other batches or implementation) and scores them:
+    the two encodings of each text differ by at most the forward_error of a unit row, which moves the
+    cosine by at most as much per text (two texts), and each side's cosine errs by sum_error(dim) (dim: the
+    embedding's, by default the backbone's hidden_size)."""
+    if dim is None:
+        config = Path(model_dir) / "config.json"
+        dim = int(json.loads(config.read_text()).get("hidden_size", 1)) if config.exists() else 1
+    moved = float(forward_error(np.ones((1, 1)), model_dir)[0, 0])
+    return 2 * moved + 2 * sum_error(dim)
