@@ -4,7 +4,10 @@ Only the job's traffic goes through the proxy (its storage options point `endpoi
 itself reads and writes the bucket directly). At about 10% injected faults (503 SlowDown / 500
 InternalError, TCP resets, delays) each job completes and its output is byte-identical to a clean run.
 At 100% faults each job fails through the CLI with exit code 2 and one error line naming the object,
-after bounded retries with back-off, and nothing is committed. The figures printed with `-s`
+after bounded retries with back-off, and nothing is committed. With botocore's own retries switched off
+(`config_kwargs.retries.total_max_attempts=1`), the same 10% of faults reach the project's retry layer
+directly: embed, dedup (exact and partitioned), mine and reembed (a first version, then one after rows
+changed) still finish with output identical to a clean run. The figures printed with `-s`
 (`FIGURES ...`) are the ones quoted in RELIABILITY.md.
 """
 
@@ -26,10 +29,11 @@ import pytest
 
 from pipeline import cli
 from pipeline.io.dataset import read_dataset
-from pipeline.spec import DedupSpec, EmbedSpec, MineSpec, build_spec
+from pipeline.spec import DedupSpec, EmbedSpec, MineSpec, ReembedSpec, build_spec
 from pipeline.tasks.dedup import run_dedup
 from pipeline.tasks.embed import EmbedError, run_embed
 from pipeline.tasks.mine import run_mine
+from pipeline.tasks.reembed import run_reembed
 from tests.support.faultproxy import FaultProxy
 from tests.support.outputcheck import check_output
 from tests.support.s3server import option_flags
@@ -93,10 +97,10 @@ def embed_spec(model, store: Store, output: str, options: list[str], source: str
         "workers": 2, "progress": False, "storage_option": options, **extra})
 
 
-def dedup_spec(store: Store, source: str, output: str, options: list[str]) -> DedupSpec:
+def dedup_spec(store: Store, source: str, output: str, options: list[str], mode: str = "exact") -> DedupSpec:
     return build_spec(DedupSpec, {
         "input": [store.url(source)], "output": store.url(output), "threshold": 0.99, "workers": 1,
-        "progress": False, "storage_option": options})
+        "mode": mode, "progress": False, "storage_option": options})
 
 
 def mine_spec(model, store: Store, output: str, options: list[str]) -> MineSpec:
@@ -114,11 +118,15 @@ def without(report: dict, *keys: str) -> dict:
     return {k: v for k, v in report.items() if k not in keys}
 
 
-def fault_figures(job: str, proxy: FaultProxy, seconds: float) -> dict:
+def fault_stats(job: str, proxy: FaultProxy, seconds: float, **extra: Any) -> dict:
     stats = dict(proxy.stats)
     faults = sum(stats.get(k, 0) for k in ("slowdown", "internal", "reset", "delay"))
-    figures = {"job": job, "seconds": round(seconds, 1), **stats, "faults": faults,
-               "fault_rate": round(faults / max(1, stats.get("requests", 0)), 3)}
+    return {"job": job, "seconds": round(seconds, 1), **stats, "faults": faults,
+            "fault_rate": round(faults / max(1, stats.get("requests", 0)), 3), **extra}
+
+
+def fault_figures(job: str, proxy: FaultProxy, seconds: float, **extra: Any) -> dict:
+    figures = fault_stats(job, proxy, seconds, **extra)
     print("FIGURES", json.dumps(figures))
     return figures
 
@@ -130,6 +138,33 @@ def clean_embed(ray_local, tiny_model_dir, store: Store) -> str:
                         log=lambda _m: None)
     assert summary["rows"] == 100
     return "clean/embed"
+
+
+@pytest.fixture(scope="module")
+def clean_dedup(ray_local, store: Store, clean_embed: str):
+    """The reference dedup of the clean embed output, per mode (run once, straight against the server):
+    mode -> (report, output prefix)."""
+    runs: dict[str, tuple[dict, str]] = {}
+
+    def get(mode: str) -> tuple[dict, str]:
+        if mode not in runs:
+            output = "clean/dedup" if mode == "exact" else f"clean/dedup-{mode}"
+            report = run_dedup(dedup_spec(store, clean_embed, output, option_flags(store.server.endpoint), mode),
+                               log=lambda _m: None)
+            assert report["removed"] > 0
+            runs[mode] = report, output
+        return runs[mode]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def clean_mine(ray_local, tiny_model_dir, store: Store) -> dict:
+    """The reference mining run, straight against the server, into clean/mine."""
+    report = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", option_flags(store.server.endpoint)),
+                      log=lambda _m: None)
+    assert report["rows_out"] > 0
+    return report
 
 
 # --------------------------------------------------------------------------- 10% faults: same output
@@ -154,10 +189,8 @@ def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Stor
     assert sorted(table.column("id").to_pylist()) == list(range(100))  # every row exactly once
 
 
-def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: str) -> None:
-    clean = run_dedup(dedup_spec(store, clean_embed, "clean/dedup", option_flags(store.server.endpoint)),
-                      log=lambda _m: None)
-    assert clean["removed"] > 0
+def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: str, clean_dedup) -> None:
+    clean, _ = clean_dedup("exact")
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=12, **TEN_PERCENT) as proxy:
         faulty = run_dedup(dedup_spec(store, clean_embed, "faulty/dedup", option_flags(proxy.endpoint)),
@@ -170,9 +203,8 @@ def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: 
     assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
 
 
-def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store) -> None:
-    clean = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", option_flags(store.server.endpoint)),
-                     log=lambda _m: None)
+def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store, clean_mine: dict) -> None:
+    clean = clean_mine
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=13, **TEN_PERCENT) as proxy:
         faulty = run_mine(mine_spec(tiny_model_dir, store, "faulty/mine", option_flags(proxy.endpoint)),
@@ -184,6 +216,125 @@ def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store
     got, want = store.objects("faulty/mine"), store.objects("clean/mine")
     assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
     assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
+
+
+# --------------------------------------------------------------------------- 10% faults, botocore's retries off
+# Every fault reaches s3fs and the project's own retry layer (`with_retries`, embed's shard queue): a storage
+# call that bypasses them fails the job here. The proxy seed is fixed, so the faults are reproducible (up to
+# the order in which concurrent requests arrive).
+
+
+def without_client_retries(job: str, seed: int, store: Store, run: Any) -> tuple[Any, dict]:
+    """``run(storage options)`` through a 10% FaultProxy with botocore's retries off; (its result, figures).
+    A run that fails prints its figures with the error, then re-raises."""
+    started = time.perf_counter()
+    with FaultProxy(store.server.endpoint, seed=seed, **TEN_PERCENT) as proxy:
+        try:
+            result = run(option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES))
+        except Exception as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            fault_figures(job, proxy, time.perf_counter() - started, result=f"failed: {type(exc).__name__}: {first}")
+            raise
+        figures = fault_stats(job, proxy, time.perf_counter() - started)
+    assert figures["faults"] >= 3 and figures.get("slowdown", 0) + figures.get("internal", 0) > 0, figures
+    return result, figures
+
+
+def identical(figures: dict) -> None:
+    print("FIGURES", json.dumps({**figures, "result": "finished, output identical to the clean run"}))
+
+
+def test_embed_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store,
+                                                                 clean_embed: str) -> None:
+    summary, figures = without_client_retries(
+        "embed, botocore retries off", 21, store,
+        lambda options: run_embed(embed_spec(tiny_model_dir, store, "noretry/embed", options), log=lambda _m: None))
+    assert summary["rows"] == 100
+    assert check_output(f"{store.name}/noretry/embed", store.fs) == []
+    got, want = store.objects("noretry/embed"), store.objects(clean_embed)
+    part_names = sorted(n for n in want if n.startswith("part-"))
+    assert len(part_names) == 5 and "_SUCCESS" in got
+    assert {n: got[n] for n in part_names} == {n: want[n] for n in part_names}  # byte for byte
+    identical(figures)
+
+
+@pytest.mark.parametrize("mode", ["exact", "partitioned"])
+def test_dedup_without_client_retries_through_ten_percent_faults(ray_local, store: Store, clean_embed: str,
+                                                                 clean_dedup, mode: str) -> None:
+    clean, clean_output = clean_dedup(mode)
+    output = f"noretry/dedup-{mode}"
+    report, figures = without_client_retries(
+        f"dedup {mode}, botocore retries off", 22 if mode == "exact" else 23, store,
+        lambda options: run_dedup(dedup_spec(store, clean_embed, output, options, mode), log=lambda _m: None))
+    assert without(report, "timings", "output") == without(clean, "timings", "output")
+    got, want = store.objects(output), store.objects(clean_output)
+    assert "_SUCCESS" in got and any(n.startswith("kept/") for n in got)
+    assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
+    identical(figures)
+
+
+def test_mine_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store,
+                                                                clean_mine: dict) -> None:
+    report, figures = without_client_retries(
+        "mine, botocore retries off", 24, store,
+        lambda options: run_mine(mine_spec(tiny_model_dir, store, "noretry/mine", options), log=lambda _m: None))
+    assert without(report, "timings", "output") == without(clean_mine, "timings", "output")
+    got, want = store.objects("noretry/mine"), store.objects("clean/mine")
+    assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+    assert digests(got, skip=("report.json",)) == digests(want, skip=("report.json",))
+    identical(figures)
+
+
+def reembed_corpora(store: Store) -> tuple[str, str]:
+    """Two versions of a 100-row corpus with stable ids: the second changes 3 texts, drops 2 rows, adds 2."""
+    rows = [{"id": f"doc-{i:03d}", "text": t} for i, t in enumerate(texts(100, seed=7))]
+    store.put_parquet("reembed-in/v1/corpus.parquet", pa.Table.from_pylist(rows))
+    edited = [dict(r) for r in rows if r["id"] not in ("doc-010", "doc-077")]
+    for row in edited:
+        if row["id"] in ("doc-003", "doc-050", "doc-098"):
+            row["text"] += " revised"
+    edited += [{"id": f"doc-{i:03d}", "text": t} for i, t in zip((100, 101), texts(2, seed=8), strict=True)]
+    store.put_parquet("reembed-in/v2/corpus.parquet", pa.Table.from_pylist(edited))
+    return "reembed-in/v1", "reembed-in/v2"
+
+
+def reembed(model, store: Store, source: str, output: str, options: list[str]) -> dict:
+    return run_reembed(build_spec(ReembedSpec, {
+        "model": str(model), "input": [store.url(source)], "output": store.url(output), "rows_per_shard": 20,
+        "workers": 1, "progress": False, "storage_option": options}), log=lambda _m: None)
+
+
+def same_summary(got: dict, want: dict) -> None:
+    """Reembed summaries agree apart from timings and the store's URL (embed: rows and tokens)."""
+    def core(summary: dict) -> dict:
+        kept = without(summary, "seconds", "store", "embed")
+        kept["embed"] = {k: (summary.get("embed") or {}).get(k) for k in ("rows", "tokens")}
+        return kept
+
+    assert core(got) == core(want)
+
+
+def test_reembed_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir,
+                                                                   store: Store) -> None:
+    first, second = reembed_corpora(store)
+    clean_options = option_flags(store.server.endpoint)
+    clean = [reembed(tiny_model_dir, store, source, "clean/reembed", clean_options) for source in (first, second)]
+    assert clean[0]["version"] == "v00001" and clean[1]["version"] == "v00002"
+    assert clean[1]["changed"] == 3 and clean[1]["deleted"] == 2 and clean[1]["new"] == 2
+    for number, (source, want) in enumerate(zip((first, second), clean, strict=True), start=1):
+        summary, figures = without_client_retries(
+            f"reembed version {number}, botocore retries off", 24 + number, store,
+            lambda options, source=source: reembed(tiny_model_dir, store, source, "noretry/reembed", options))
+        same_summary(summary, want)
+        version = f"v{number:05d}"
+        got, expected = store.objects(f"noretry/reembed/{version}"), store.objects(f"clean/reembed/{version}")
+        assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+        # Parts and receipts byte for byte; the manifest holds the run's summary (timings, the store's URL).
+        assert digests(got, skip=("_manifest.json",)) == digests(expected, skip=("_manifest.json",))
+        names = {n.split("/", 1)[0] for n in store.objects("noretry/reembed")}
+        assert "_LOCK" not in names and "_staging" not in names
+        assert json.loads(store.objects("noretry/reembed")["_LATEST"])["version"] == version
+        identical(figures)
 
 
 # --------------------------------------------------------------------------- 100% faults: clear failure
