@@ -42,8 +42,10 @@ from tests.support.s3server import option_flags
 TEN_PERCENT = {"error_rate": 0.05, "reset_rate": 0.03, "delay_rate": 0.025, "delay_s": 0.1}
 TRANSIENT_TEXT = "SlowDown|reduce your request rate|internal error|Service Unavailable"
 NO_BOTOCORE_RETRIES = "config_kwargs.retries.total_max_attempts=1"
-WORDS = str.split("alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
-                  "bucket object moto server embed dedup mine negative anchor positive query document")
+WORDS = str.split(
+    "alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
+    "bucket object moto server embed dedup mine negative anchor positive query document"
+)
 
 
 def texts(n: int, seed: int) -> list[str]:
@@ -74,7 +76,7 @@ class Store:
         """Every object under the prefix (relative name -> bytes), fresh from the server."""
         self.fs.invalidate_cache()
         root = f"{self.name}/{prefix}"
-        return {name[len(root) + 1:]: self.fs.cat_file(name) for name in self.fs.find(root)}
+        return {name[len(root) + 1 :]: self.fs.cat_file(name) for name in self.fs.find(root)}
 
 
 @pytest.fixture(scope="module")
@@ -91,27 +93,61 @@ def store(s3_server) -> Store:
     return s
 
 
-def embed_spec(model, store: Store, output: str, options: list[str], source: str = "corpus", **extra) -> EmbedSpec:
-    return build_spec(EmbedSpec, {
-        "model": str(model), "input": [store.url(source)], "output": store.url(output), "rows_per_shard": 20,
-        "workers": 2, "progress": False, "storage_option": options, **extra})
+def embed_spec(
+    model, store: Store, output: str, options: list[str], source: str = "corpus", **extra
+) -> EmbedSpec:
+    return build_spec(
+        EmbedSpec,
+        {
+            "model": str(model),
+            "input": [store.url(source)],
+            "output": store.url(output),
+            "rows_per_shard": 20,
+            "workers": 2,
+            "progress": False,
+            "storage_option": options,
+            **extra,
+        },
+    )
 
 
 def dedup_spec(store: Store, source: str, output: str, options: list[str], mode: str = "exact") -> DedupSpec:
-    return build_spec(DedupSpec, {
-        "input": [store.url(source)], "output": store.url(output), "threshold": 0.99, "workers": 1,
-        "mode": mode, "progress": False, "storage_option": options})
+    return build_spec(
+        DedupSpec,
+        {
+            "input": [store.url(source)],
+            "output": store.url(output),
+            "threshold": 0.99,
+            "workers": 1,
+            "mode": mode,
+            "progress": False,
+            "storage_option": options,
+        },
+    )
 
 
 def mine_spec(model, store: Store, output: str, options: list[str]) -> MineSpec:
-    return build_spec(MineSpec, {
-        "model": str(model), "input": [store.url("pairs")], "output": store.url(output), "num_negatives": 2,
-        "anchors_per_block": 10, "workers": 1, "progress": False, "storage_option": options})
+    return build_spec(
+        MineSpec,
+        {
+            "model": str(model),
+            "input": [store.url("pairs")],
+            "output": store.url(output),
+            "num_negatives": 2,
+            "anchors_per_block": 10,
+            "workers": 1,
+            "progress": False,
+            "storage_option": options,
+        },
+    )
 
 
 def digests(objects: dict[str, bytes], skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {name: hashlib.sha256(data).hexdigest() for name, data in objects.items()
-            if not name.startswith(skip) and not name.rsplit("/", 1)[-1].startswith("_tmp.")}
+    return {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in objects.items()
+        if not name.startswith(skip) and not name.rsplit("/", 1)[-1].startswith("_tmp.")
+    }
 
 
 def without(report: dict, *keys: str) -> dict:
@@ -121,8 +157,14 @@ def without(report: dict, *keys: str) -> dict:
 def fault_stats(job: str, proxy: FaultProxy, seconds: float, **extra: Any) -> dict:
     stats = dict(proxy.stats)
     faults = sum(stats.get(k, 0) for k in ("slowdown", "internal", "reset", "delay"))
-    return {"job": job, "seconds": round(seconds, 1), **stats, "faults": faults,
-            "fault_rate": round(faults / max(1, stats.get("requests", 0)), 3), **extra}
+    return {
+        "job": job,
+        "seconds": round(seconds, 1),
+        **stats,
+        "faults": faults,
+        "fault_rate": round(faults / max(1, stats.get("requests", 0)), 3),
+        **extra,
+    }
 
 
 def fault_figures(job: str, proxy: FaultProxy, seconds: float, **extra: Any) -> dict:
@@ -134,8 +176,10 @@ def fault_figures(job: str, proxy: FaultProxy, seconds: float, **extra: Any) -> 
 @pytest.fixture(scope="module")
 def clean_embed(ray_local, tiny_model_dir, store: Store) -> str:
     """The reference: the same embed straight against the server."""
-    summary = run_embed(embed_spec(tiny_model_dir, store, "clean/embed", option_flags(store.server.endpoint)),
-                        log=lambda _m: None)
+    summary = run_embed(
+        embed_spec(tiny_model_dir, store, "clean/embed", option_flags(store.server.endpoint)),
+        log=lambda _m: None,
+    )
     assert summary["rows"] == 100
     return "clean/embed"
 
@@ -149,8 +193,10 @@ def clean_dedup(ray_local, store: Store, clean_embed: str):
     def get(mode: str) -> tuple[dict, str]:
         if mode not in runs:
             output = "clean/dedup" if mode == "exact" else f"clean/dedup-{mode}"
-            report = run_dedup(dedup_spec(store, clean_embed, output, option_flags(store.server.endpoint), mode),
-                               log=lambda _m: None)
+            report = run_dedup(
+                dedup_spec(store, clean_embed, output, option_flags(store.server.endpoint), mode),
+                log=lambda _m: None,
+            )
             assert report["removed"] > 0
             runs[mode] = report, output
         return runs[mode]
@@ -161,8 +207,10 @@ def clean_dedup(ray_local, store: Store, clean_embed: str):
 @pytest.fixture(scope="module")
 def clean_mine(ray_local, tiny_model_dir, store: Store) -> dict:
     """The reference mining run, straight against the server, into clean/mine."""
-    report = run_mine(mine_spec(tiny_model_dir, store, "clean/mine", option_flags(store.server.endpoint)),
-                      log=lambda _m: None)
+    report = run_mine(
+        mine_spec(tiny_model_dir, store, "clean/mine", option_flags(store.server.endpoint)),
+        log=lambda _m: None,
+    )
     assert report["rows_out"] > 0
     return report
 
@@ -173,8 +221,10 @@ def clean_mine(ray_local, tiny_model_dir, store: Store) -> dict:
 def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store, clean_embed: str) -> None:
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=11, **TEN_PERCENT) as proxy:
-        summary = run_embed(embed_spec(tiny_model_dir, store, "faulty/embed", option_flags(proxy.endpoint)),
-                            log=lambda _m: None)
+        summary = run_embed(
+            embed_spec(tiny_model_dir, store, "faulty/embed", option_flags(proxy.endpoint)),
+            log=lambda _m: None,
+        )
         figures = fault_figures("embed", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 5 and figures["slowdown"] + figures["internal"] > 0 and figures["reset"] > 0
     assert summary["rows"] == 100
@@ -193,8 +243,9 @@ def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: 
     clean, _ = clean_dedup("exact")
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=12, **TEN_PERCENT) as proxy:
-        faulty = run_dedup(dedup_spec(store, clean_embed, "faulty/dedup", option_flags(proxy.endpoint)),
-                           log=lambda _m: None)
+        faulty = run_dedup(
+            dedup_spec(store, clean_embed, "faulty/dedup", option_flags(proxy.endpoint)), log=lambda _m: None
+        )
         figures = fault_figures("dedup", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 3
     assert without(faulty, "timings", "output") == without(clean, "timings", "output")
@@ -207,8 +258,9 @@ def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store
     clean = clean_mine
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, seed=13, **TEN_PERCENT) as proxy:
-        faulty = run_mine(mine_spec(tiny_model_dir, store, "faulty/mine", option_flags(proxy.endpoint)),
-                          log=lambda _m: None)
+        faulty = run_mine(
+            mine_spec(tiny_model_dir, store, "faulty/mine", option_flags(proxy.endpoint)), log=lambda _m: None
+        )
         figures = fault_figures("mine", proxy, time.perf_counter() - started)
     assert figures["faults"] >= 3
     assert clean["rows_out"] > 0
@@ -233,7 +285,9 @@ def without_client_retries(job: str, seed: int, store: Store, run: Any) -> tuple
             result = run(option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES))
         except Exception as exc:
             first = next((line for line in str(exc).splitlines() if line.strip()), "")
-            fault_figures(job, proxy, time.perf_counter() - started, result=f"failed: {type(exc).__name__}: {first}")
+            fault_figures(
+                job, proxy, time.perf_counter() - started, result=f"failed: {type(exc).__name__}: {first}"
+            )
             raise
         figures = fault_stats(job, proxy, time.perf_counter() - started)
     assert figures["faults"] >= 3 and figures.get("slowdown", 0) + figures.get("internal", 0) > 0, figures
@@ -244,11 +298,17 @@ def identical(figures: dict) -> None:
     print("FIGURES", json.dumps({**figures, "result": "finished, output identical to the clean run"}))
 
 
-def test_embed_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store,
-                                                                 clean_embed: str) -> None:
+def test_embed_without_client_retries_through_ten_percent_faults(
+    ray_local, tiny_model_dir, store: Store, clean_embed: str
+) -> None:
     summary, figures = without_client_retries(
-        "embed, botocore retries off", 21, store,
-        lambda options: run_embed(embed_spec(tiny_model_dir, store, "noretry/embed", options), log=lambda _m: None))
+        "embed, botocore retries off",
+        21,
+        store,
+        lambda options: run_embed(
+            embed_spec(tiny_model_dir, store, "noretry/embed", options), log=lambda _m: None
+        ),
+    )
     assert summary["rows"] == 100
     assert check_output(f"{store.name}/noretry/embed", store.fs) == []
     got, want = store.objects("noretry/embed"), store.objects(clean_embed)
@@ -259,13 +319,17 @@ def test_embed_without_client_retries_through_ten_percent_faults(ray_local, tiny
 
 
 @pytest.mark.parametrize("mode", ["exact", "partitioned"])
-def test_dedup_without_client_retries_through_ten_percent_faults(ray_local, store: Store, clean_embed: str,
-                                                                 clean_dedup, mode: str) -> None:
+def test_dedup_without_client_retries_through_ten_percent_faults(
+    ray_local, store: Store, clean_embed: str, clean_dedup, mode: str
+) -> None:
     clean, clean_output = clean_dedup(mode)
     output = f"noretry/dedup-{mode}"
     report, figures = without_client_retries(
-        f"dedup {mode}, botocore retries off", 22 if mode == "exact" else 23, store,
-        lambda options: run_dedup(dedup_spec(store, clean_embed, output, options, mode), log=lambda _m: None))
+        f"dedup {mode}, botocore retries off",
+        22 if mode == "exact" else 23,
+        store,
+        lambda options: run_dedup(dedup_spec(store, clean_embed, output, options, mode), log=lambda _m: None),
+    )
     assert without(report, "timings", "output") == without(clean, "timings", "output")
     got, want = store.objects(output), store.objects(clean_output)
     assert "_SUCCESS" in got and any(n.startswith("kept/") for n in got)
@@ -273,11 +337,17 @@ def test_dedup_without_client_retries_through_ten_percent_faults(ray_local, stor
     identical(figures)
 
 
-def test_mine_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store,
-                                                                clean_mine: dict) -> None:
+def test_mine_without_client_retries_through_ten_percent_faults(
+    ray_local, tiny_model_dir, store: Store, clean_mine: dict
+) -> None:
     report, figures = without_client_retries(
-        "mine, botocore retries off", 24, store,
-        lambda options: run_mine(mine_spec(tiny_model_dir, store, "noretry/mine", options), log=lambda _m: None))
+        "mine, botocore retries off",
+        24,
+        store,
+        lambda options: run_mine(
+            mine_spec(tiny_model_dir, store, "noretry/mine", options), log=lambda _m: None
+        ),
+    )
     assert without(report, "timings", "output") == without(clean_mine, "timings", "output")
     got, want = store.objects("noretry/mine"), store.objects("clean/mine")
     assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
@@ -299,13 +369,26 @@ def reembed_corpora(store: Store) -> tuple[str, str]:
 
 
 def reembed(model, store: Store, source: str, output: str, options: list[str]) -> dict:
-    return run_reembed(build_spec(ReembedSpec, {
-        "model": str(model), "input": [store.url(source)], "output": store.url(output), "rows_per_shard": 20,
-        "workers": 1, "progress": False, "storage_option": options}), log=lambda _m: None)
+    return run_reembed(
+        build_spec(
+            ReembedSpec,
+            {
+                "model": str(model),
+                "input": [store.url(source)],
+                "output": store.url(output),
+                "rows_per_shard": 20,
+                "workers": 1,
+                "progress": False,
+                "storage_option": options,
+            },
+        ),
+        log=lambda _m: None,
+    )
 
 
 def same_summary(got: dict, want: dict) -> None:
     """Reembed summaries agree apart from timings and the store's URL (embed: rows and tokens)."""
+
     def core(summary: dict) -> dict:
         kept = without(summary, "seconds", "store", "embed")
         kept["embed"] = {k: (summary.get("embed") or {}).get(k) for k in ("rows", "tokens")}
@@ -314,17 +397,23 @@ def same_summary(got: dict, want: dict) -> None:
     assert core(got) == core(want)
 
 
-def test_reembed_without_client_retries_through_ten_percent_faults(ray_local, tiny_model_dir,
-                                                                   store: Store) -> None:
+def test_reembed_without_client_retries_through_ten_percent_faults(
+    ray_local, tiny_model_dir, store: Store
+) -> None:
     first, second = reembed_corpora(store)
     clean_options = option_flags(store.server.endpoint)
-    clean = [reembed(tiny_model_dir, store, source, "clean/reembed", clean_options) for source in (first, second)]
+    clean = [
+        reembed(tiny_model_dir, store, source, "clean/reembed", clean_options) for source in (first, second)
+    ]
     assert clean[0]["version"] == "v00001" and clean[1]["version"] == "v00002"
     assert clean[1]["changed"] == 3 and clean[1]["deleted"] == 2 and clean[1]["new"] == 2
     for number, (source, want) in enumerate(zip((first, second), clean, strict=True), start=1):
         summary, figures = without_client_retries(
-            f"reembed version {number}, botocore retries off", 24 + number, store,
-            lambda options, source=source: reembed(tiny_model_dir, store, source, "noretry/reembed", options))
+            f"reembed version {number}, botocore retries off",
+            24 + number,
+            store,
+            lambda options, source=source: reembed(tiny_model_dir, store, source, "noretry/reembed", options),
+        )
         same_summary(summary, want)
         version = f"v{number:05d}"
         got, expected = store.objects(f"noretry/reembed/{version}"), store.objects(f"clean/reembed/{version}")
@@ -344,7 +433,16 @@ def cli_args(job: str, model, store: Store, output: str, options: list[str], sou
     flags = [f"--storage-option={o}" for o in options]
     common = ["--output", store.url(output), "--no-progress", "--workers", "1", *flags]
     if job == "embed":
-        return ["embed", "--model", str(model), "--input", store.url("corpus"), "--rows-per-shard", "20", *common]
+        return [
+            "embed",
+            "--model",
+            str(model),
+            "--input",
+            store.url("corpus"),
+            "--rows-per-shard",
+            "20",
+            *common,
+        ]
     if job == "dedup":
         return ["dedup", "--input", store.url(source), "--threshold", "0.99", *common]
     return ["mine", "--model", str(model), "--input", store.url("pairs"), "--num-negatives", "2", *common]
@@ -352,7 +450,8 @@ def cli_args(job: str, model, store: Store, output: str, options: list[str], sou
 
 @pytest.mark.parametrize("job", ["embed", "dedup", "mine"])
 def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
-        ray_local, tiny_model_dir, store: Store, job: str, capsys, caplog) -> None:
+    ray_local, tiny_model_dir, store: Store, job: str, capsys, caplog
+) -> None:
     caplog.set_level(logging.WARNING, logger="pipeline.io.storage")
     output = f"outage/{job}"
     started = time.perf_counter()
@@ -366,8 +465,9 @@ def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
     assert code == 2 and len(errors) == 1, err
     assert "Traceback" not in err
     # The object it gave up on, after how many attempts, and why.
-    assert re.search(rf"s3://{store.name}/\S+: failed after 5 attempts: .*({TRANSIENT_TEXT})", errors[0],
-                     re.IGNORECASE), errors[0]
+    assert re.search(
+        rf"s3://{store.name}/\S+: failed after 5 attempts: .*({TRANSIENT_TEXT})", errors[0], re.IGNORECASE
+    ), errors[0]
     # Back-off: each of the 4 retries was logged with a growing delay, then it stopped.
     delays = [float(d) for d in re.findall(r"retrying in ([0-9.]+)s", caplog.text)]
     assert len(delays) == 4 and delays[-1] > delays[0], caplog.text
@@ -376,17 +476,27 @@ def test_every_request_failing_ends_with_one_clear_error_and_nothing_committed(
     assert store.objects(output) == {}  # nothing committed, not even a plan
 
 
-def test_part_commits_failing_end_the_embed_with_no_part_visible(ray_local, tiny_model_dir, store: Store) -> None:
+def test_part_commits_failing_end_the_embed_with_no_part_visible(
+    ray_local, tiny_model_dir, store: Store
+) -> None:
     """Reads work, every write of a part or receipt fails: each shard is tried max_attempts times (each
     try retrying the commit with back-off), the job fails naming the shard, and no part, receipt or
     _SUCCESS is visible. The plan alone is there, so a later run resumes."""
+
     def part_writes(method: str, path: str, headers: Any) -> bool:
         return method in ("PUT", "POST") and "part-" in path
 
     started = time.perf_counter()
     with FaultProxy(store.server.endpoint, error_rate=1.0, fault_filter=part_writes, seed=15) as proxy:
-        spec = embed_spec(tiny_model_dir, store, "outage/parts", option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES),
-                          source="corpus/b.jsonl", max_attempts=2, workers=1)
+        spec = embed_spec(
+            tiny_model_dir,
+            store,
+            "outage/parts",
+            option_flags(proxy.endpoint, NO_BOTOCORE_RETRIES),
+            source="corpus/b.jsonl",
+            max_attempts=2,
+            workers=1,
+        )
         with pytest.raises(EmbedError) as info:
             run_embed(spec, log=lambda _m: None)
         figures = fault_figures("embed, part writes at 100%", proxy, time.perf_counter() - started)
@@ -397,4 +507,3 @@ def test_part_commits_failing_end_the_embed_with_no_part_visible(ray_local, tiny
     written = store.objects("outage/parts")
     assert set(written) <= {"_plan.json"} | {n for n in written if n.rsplit("/", 1)[-1].startswith("_tmp.")}
     assert check_output(f"{store.name}/outage/parts", store.fs) == []
-
