@@ -2,7 +2,9 @@
 
 The Ray layer embeds anchors and corpus, runs a blockwise exact top-k on each worker and merges the
 partial lists on the driver; this module applies the rules to a block of anchors. It reproduces
-``sentence_transformers.util.mine_hard_negatives`` (v6, ``use_faiss=False``, no cross-encoder).
+``sentence_transformers.util.mine_hard_negatives`` (v6.2, ``use_faiss=False``), cross-encoder rescoring
+included, and adds two false-negative filters of its own (``exclude_duplicates``,
+``max_positive_similarity``).
 
 Inputs, as ST builds them (:func:`group_pairs`)
     * Corpus: ``dict.fromkeys(corpus + positives)``: the optional extra corpus first, then the positive
@@ -23,15 +25,29 @@ Candidates (what workers must return)
     tie sits where it matters. More than ``k`` candidates would change results (ST never sees the extra
     ones), so :func:`select_negatives` re-sorts and truncates to ``k`` itself.
 
+Cross-encoder rescoring (ST ``hard_negatives.py`` lines 596-626)
+    Only when a cross-encoder is given *and* one of ``absolute_margin``, ``relative_margin``,
+    ``max_score``, ``min_score`` is set (:attr:`MiningOptions.rescore`): every candidate of the
+    bi-encoder's top ``k`` and every (anchor, positive) pair is scored by the cross-encoder, and those
+    scores replace the bi-encoder's everywhere after: in the rules, in the ranking of the window and in
+    the output scores. The candidate *set* stays the bi-encoder's top ``k``. The caller passes the ``k``
+    candidates in bi-encoder order with their cross-encoder scores; :func:`select_negatives` then ranks
+    by those. A cross-encoder with ``min_score`` alone also widens ``range_max`` (ST line 370).
+
 Rules, in ST's order; each sets a candidate's score to -inf (dropped)
     1. padding (corpus index < 0, or a NaN score);
     2. unless ``include_positives``: a corpus index that is one of the anchor's positives (all of them,
        over all rows of a repeated anchor);
-    3. ``absolute_margin``: drop if ``score + absolute_margin > p``;
-    4. ``relative_margin``: drop if ``score > p - |p| * relative_margin``; in both, ``p`` is the anchor's
+    3. ``exclude_duplicates`` (ours): the caller's mask of candidates in the same near-duplicate group
+       as one of the anchor's positives (see ``pipeline.tasks.mine.duplicates``);
+    4. ``max_positive_similarity`` (ours): drop if the candidate's bi-encoder score to any of the
+       anchor's positives (document to document) is ``>= max_positive_similarity``;
+       with ``include_positives`` the positives themselves are exempt from 3 and 4;
+    5. ``absolute_margin``: drop if ``score + absolute_margin > p``;
+    6. ``relative_margin``: drop if ``score > p - |p| * relative_margin``; in both, ``p`` is the anchor's
        *lowest* positive score (ST: "the harder positive"), not the row's own positive;
-    5. ``max_score``: drop if ``score > max_score``;
-    6. ``min_score``: drop if ``score < min_score``.
+    7. ``max_score``: drop if ``score > max_score``;
+    8. ``min_score``: drop if ``score < min_score``.
     Arithmetic is float32 with Python-float options, as in ST. Survivors are then re-ranked (dropped ones
     last), the first ``range_max`` kept and the first ``range_min`` skipped: the window is ranks
     ``[range_min, range_max)`` of the *surviving* candidates (positives do not use up ``range_min``).
@@ -52,9 +68,13 @@ Counters (:class:`MiningStats`) count the candidates each rule drops *newly*. ST
 ``min_score`` count also includes candidates dropped by earlier rules; ours does not.
 
 Options (:func:`resolve_options`): ``range_max`` defaults to ``range_min + 10 * num_negatives +
-max_positives`` when a margin or ``max_score`` is set, else ``range_min + num_negatives + max_positives``
-(``min_score`` alone does not widen it: in ST that needs a cross-encoder, which we do not support).
-``include_positives`` forces the ``n-tuple`` format, as in ST.
+max_positives`` when a margin or ``max_score`` is set, or ``min_score`` with a cross-encoder, else
+``range_min + num_negatives + max_positives`` (ST lines 365-376). ``include_positives`` forces the
+``n-tuple`` format, as in ST.
+
+Grouping without the texts (:func:`first_appearance`, :func:`positive_lists`): the job hashes every
+text (128 bits) while streaming the input and groups the hashes, so the driver never holds the texts;
+the ids and orders are exactly :func:`group_pairs`'.
 """
 
 from __future__ import annotations
@@ -77,8 +97,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "marginpos": {"absolute_margin": 0.05},
 }
 
-# Order in which ST applies the score rules; also the counter names.
-RULES = ("positives", "absolute_margin", "relative_margin", "max_score", "min_score")
+# Order in which the rules apply (ST's, with our two false-negative filters after the positives); also
+# the counter names.
+RULES = (
+    "positives",
+    "exclude_duplicates",
+    "max_positive_similarity",
+    "absolute_margin",
+    "relative_margin",
+    "max_score",
+    "min_score",
+)
+SCORE_RULES = ("absolute_margin", "relative_margin", "max_score", "min_score")
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,14 @@ class MiningOptions:
     include_positives: bool = False
     output_format: str = "triplet"
     output_scores: bool = False
+    max_positive_similarity: float | None = None  # ours: drop candidates this close to a positive
+    exclude_duplicates: str | None = None  # ours: a dedup output; candidates in a positive's group dropped
+    cross_encoder: bool = False  # a cross-encoder was given (with a score rule it rescores)
+
+    @property
+    def rescore(self) -> bool:
+        """ST rescores with the cross-encoder only when one of the score rules is set (line 597)."""
+        return self.cross_encoder and any(getattr(self, name) is not None for name in SCORE_RULES)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> MiningOptions:
@@ -135,11 +173,19 @@ class MiningStats:
 
 @dataclass
 class MinedBlock:
-    """Per anchor of a block: kept negatives (corpus indices, scores) in rank order, plus counters."""
+    """Per anchor of a block: kept negatives (corpus indices, scores) in rank order, plus counters.
+
+    ``extras``: per name given to :func:`select_negatives`, the kept negatives' values of that array
+    (e.g. their bi-encoder scores when the ranking used the cross-encoder's). ``samples``: per rule, the
+    first few candidates it dropped (global anchor, corpus index, score, and for
+    ``max_positive_similarity`` the similarity).
+    """
 
     negative_indices: list[np.ndarray]
     negative_scores: list[np.ndarray]
     stats: MiningStats
+    extras: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    samples: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -201,6 +247,7 @@ def default_range_max(options: MiningOptions, max_positives: int) -> int:
         options.absolute_margin is not None
         or options.relative_margin is not None
         or options.max_score is not None
+        or (options.cross_encoder and options.min_score is not None)
     ):
         return options.range_min + options.num_negatives * 10 + max_positives
     return options.range_min + options.num_negatives + max_positives
@@ -225,6 +272,8 @@ def validate_options(options: MiningOptions, max_positives: int | None = None) -
         value = getattr(options, name)
         if value is not None and value < 0:
             raise ValueError(f"{name} must be non-negative, got {name}={value}")
+    if options.max_positive_similarity is not None and not np.isfinite(options.max_positive_similarity):
+        raise ValueError("max_positive_similarity must be a finite number")
     if (
         options.min_score is not None
         and options.max_score is not None
@@ -274,13 +323,23 @@ def candidate_count(options: MiningOptions, max_positives: int, corpus_size: int
     return min(range_max + max_positives, corpus_size)
 
 
+def rank_order(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts each row by descending score, then ascending corpus index (our tie
+    rule; NaN/-inf last)."""
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    by_score = torch.argsort(
+        torch.nan_to_num(torch.gather(scores, 1, by_index), nan=-torch.inf),
+        dim=1,
+        descending=True,
+        stable=True,
+    )
+    return torch.gather(by_index, 1, by_score)
+
+
 def rank_candidates(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row by descending score, then ascending corpus index (our tie rule; NaN/-inf last)."""
-    by_index = torch.argsort(indices, dim=1, stable=True)
-    scores = torch.gather(scores, 1, by_index)
-    indices = torch.gather(indices, 1, by_index)
-    by_score = torch.argsort(torch.nan_to_num(scores, nan=-torch.inf), dim=1, descending=True, stable=True)
-    return torch.gather(scores, 1, by_score), torch.gather(indices, 1, by_score)
+    order = rank_order(scores, indices)
+    return torch.gather(scores, 1, order), torch.gather(indices, 1, order)
 
 
 _MASK64 = (1 << 64) - 1
@@ -310,14 +369,24 @@ def select_negatives(
     options: MiningOptions,
     max_positives: int,
     anchor_offset: int = 0,
+    *,
+    duplicates: np.ndarray | None = None,
+    positive_similarity: np.ndarray | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
+    samples: int = 0,
 ) -> MinedBlock:
-    """Apply ST's rules to one block of anchors; see the module docstring for the exact semantics.
+    """Apply the rules to one block of anchors; see the module docstring for the exact semantics.
 
     ``candidate_scores``/``candidate_indices``: [n_anchors, m] global top-m candidates per anchor, any
-    order, index -1 = padding, m >= :func:`candidate_count`. ``positive_indices``/``positive_scores``:
-    per anchor, its distinct positives (:attr:`PairGroups.positive_indices`) and their scores.
-    ``options`` must be resolved (:func:`resolve_options`). ``anchor_offset``: global position of the
-    block's first anchor (keys of the random draw).
+    order, index -1 = padding, m >= :func:`candidate_count`. With cross-encoder rescoring, pass exactly
+    the bi-encoder's top ``k`` with the cross-encoder's scores. ``positive_indices``/``positive_scores``:
+    per anchor, its distinct positives (:attr:`PairGroups.positive_indices`) and their scores (the
+    cross-encoder's when rescoring). ``options`` must be resolved (:func:`resolve_options`).
+    ``anchor_offset``: global position of the block's first anchor (keys of the random draw).
+    ``duplicates`` (bool) and ``positive_similarity`` (float), aligned with the candidates: the inputs of
+    the ``exclude_duplicates`` and ``max_positive_similarity`` rules. ``extras``: other [n, m] arrays
+    aligned with the candidates whose values at the kept negatives come back in ``MinedBlock.extras``.
+    ``samples``: how many dropped candidates per rule to keep as examples.
     """
     if options.range_max is None:
         raise ValueError(
@@ -332,15 +401,48 @@ def select_negatives(
     n = scores.shape[0]
     if len(positive_indices) != n or len(positive_scores) != n:
         raise ValueError(f"{n} anchors in the block but {len(positive_indices)} positive lists")
+    aligned: dict[str, torch.Tensor] = {}
+    for name, values in (
+        ("duplicates", duplicates),
+        ("positive_similarity", positive_similarity),
+        *((f"extra:{k}", v) for k, v in (extras or {}).items()),
+    ):
+        if values is not None:
+            tensor = torch.as_tensor(np.asarray(values))
+            if tensor.shape != scores.shape:
+                raise ValueError(
+                    f"{name} {tuple(tensor.shape)} must match the candidates {tuple(scores.shape)}"
+                )
+            aligned[name] = tensor
     stats = MiningStats(anchors=n)
     if n == 0:
-        return MinedBlock([], [], stats)
+        return MinedBlock([], [], stats, {k: [] for k in extras or {}}, {})
 
-    scores, indices = rank_candidates(scores, indices)
+    order = rank_order(scores, indices)
     k = options.range_max + max_positives
-    scores, indices = scores[:, :k], indices[:, :k]
+    order = order[:, :k]
+    scores, indices = torch.gather(scores, 1, order), torch.gather(indices, 1, order)
+    aligned = {name: torch.gather(values, 1, order) for name, values in aligned.items()}
     stats.candidates = scores.numel()
     neg_inf = -torch.inf
+    examples: dict[str, list[dict]] = {}
+
+    def drop(rule: str, removed: torch.Tensor, also: str | None = None) -> None:
+        stats.dropped[rule] = int(removed.sum())
+        if samples and stats.dropped[rule]:
+            rows, cols = np.nonzero(removed.numpy())
+            picked = []
+            for r, c in zip(rows[:samples].tolist(), cols[:samples].tolist(), strict=True):
+                entry = {
+                    "anchor": anchor_offset + r,
+                    "candidate": int(indices[r, c]),
+                    "score": float(scores[r, c]),
+                }
+                if also is not None:
+                    entry[also] = float(aligned[also][r, c])
+                picked.append(entry)
+            examples[rule] = picked
+        scores[removed] = neg_inf
 
     padding = (indices < 0) | torch.isnan(scores)
     scores[padding] = neg_inf
@@ -349,40 +451,46 @@ def select_negatives(
     pos_idx = [torch.as_tensor(np.asarray(p, dtype=np.int64)) for p in positive_indices]
     if any(p.numel() == 0 for p in pos_idx):
         raise ValueError("every anchor needs at least one positive")
+    width = max(p.numel() for p in pos_idx)
+    pos_matrix = torch.full((n, width), -2, dtype=torch.int64)
+    for row, p in enumerate(pos_idx):
+        pos_matrix[row, : p.numel()] = p
+    is_positive = (indices[:, :, None] == pos_matrix[:, None, :]).any(-1) & ~padding
     if not options.include_positives:
-        width = max(p.numel() for p in pos_idx)
-        pos_matrix = torch.full((n, width), -2, dtype=torch.int64)
-        for row, p in enumerate(pos_idx):
-            pos_matrix[row, : p.numel()] = p
-        is_positive = (indices[:, :, None] == pos_matrix[:, None, :]).any(-1) & ~padding
-        scores[is_positive] = neg_inf
-        stats.dropped["positives"] = int(is_positive.sum())
+        drop("positives", is_positive)
+
+    finite = torch.isfinite(scores)
+    if "duplicates" in aligned:
+        drop("exclude_duplicates", aligned["duplicates"].to(torch.bool) & finite & ~is_positive)
+    if options.max_positive_similarity is not None:
+        if "positive_similarity" not in aligned:
+            raise ValueError("max_positive_similarity needs the candidates' positive_similarity")
+        close = aligned["positive_similarity"].to(torch.float32) >= options.max_positive_similarity
+        drop("max_positive_similarity", close & torch.isfinite(scores) & ~is_positive, "positive_similarity")
 
     if options.absolute_margin is not None or options.relative_margin is not None:
         # ST: "use the _minimum_ positive score (i.e., harder positive) for the margin".
         p = torch.stack([torch.as_tensor(np.asarray(s, dtype=np.float32)).min() for s in positive_scores])
         if options.absolute_margin is not None:
-            removed = scores + options.absolute_margin > p[:, None]
-            scores[removed] = neg_inf
-            stats.dropped["absolute_margin"] = int(removed.sum())
+            drop("absolute_margin", scores + options.absolute_margin > p[:, None])
         if options.relative_margin is not None:
             # |p| * margin rather than p * (1 - margin), which is wrong for negative p (ST #3819).
-            removed = scores > (p - p.abs() * options.relative_margin)[:, None]
-            scores[removed] = neg_inf
-            stats.dropped["relative_margin"] = int(removed.sum())
+            drop("relative_margin", scores > (p - p.abs() * options.relative_margin)[:, None])
     if options.max_score is not None:
-        removed = scores > options.max_score
-        scores[removed] = neg_inf
-        stats.dropped["max_score"] = int(removed.sum())
+        drop("max_score", scores > options.max_score)
     if options.min_score is not None:
-        removed = (scores < options.min_score) & torch.isfinite(scores)
-        scores[removed] = neg_inf
-        stats.dropped["min_score"] = int(removed.sum())
+        drop("min_score", (scores < options.min_score) & torch.isfinite(scores))
 
     # Re-rank survivors (stable: equal scores keep the canonical index order), keep the window.
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, : options.range_max]
-    scores = torch.gather(scores, 1, order)[:, options.range_min :]
-    indices = torch.gather(indices, 1, order)[:, options.range_min :]
+    window = torch.argsort(scores, dim=1, descending=True, stable=True)[:, : options.range_max]
+    window = window[:, options.range_min :]
+    scores = torch.gather(scores, 1, window)
+    indices = torch.gather(indices, 1, window)
+    kept_extras = {
+        name.removeprefix("extra:"): torch.gather(values, 1, window)
+        for name, values in aligned.items()
+        if name.startswith("extra:")
+    }
     finite = torch.isfinite(scores)
 
     num = options.num_negatives
@@ -403,6 +511,60 @@ def select_negatives(
     keep_np = keep.numpy()
     neg_idx = [indices_np[r][keep_np[r]].copy() for r in range(n)]
     neg_scores = [scores_np[r][keep_np[r]].copy() for r in range(n)]
+    out_extras = {
+        name: [values.numpy()[r][keep_np[r]].copy() for r in range(n)] for name, values in kept_extras.items()
+    }
     stats.negatives = int(keep_np.sum())
     stats.short_anchors = int((keep_np.sum(1) < num).sum())
-    return MinedBlock(neg_idx, neg_scores, stats)
+    return MinedBlock(neg_idx, neg_scores, stats, out_extras, examples)
+
+
+# -- grouping from hashes, without the texts ------------------------------------------------------------
+
+
+def first_appearance(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of ``hashes`` ([n, 2] uint64: a 128-bit hash per row) in order of first appearance.
+
+    Returns ``(ids, firsts)``: ``ids[r]`` is row r's distinct-value number (0 for the first value seen,
+    ...), ``firsts[i]`` the row where value i first appears (ascending). Exactly ``dict.fromkeys`` order.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1, 2)
+    n = len(hashes)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((hashes[:, 1], hashes[:, 0]))  # stable: equal hashes stay in row order
+    sorted_hashes = hashes[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (sorted_hashes[1:] != sorted_hashes[:-1]).any(axis=1)
+    del sorted_hashes
+    group = np.cumsum(starts) - 1  # group number of each sorted row
+    first_rows = order[starts]  # the first (smallest) row of each group
+    rank = np.empty(len(first_rows), dtype=np.int64)
+    by_row = np.argsort(first_rows, kind="stable")
+    rank[by_row] = np.arange(len(first_rows), dtype=np.int64)
+    ids = np.empty(n, dtype=np.int64)
+    ids[order] = rank[group]
+    return ids, first_rows[by_row].astype(np.int64)
+
+
+def positive_lists(anchor_ids: np.ndarray, positive_ids: np.ndarray, n_anchors: int) -> tuple:
+    """Per anchor, its distinct positives in row order (ST's ``positive_indices``), as CSR arrays.
+
+    Returns ``(ptr, idx, max_positives)``: anchor a's positives are ``idx[ptr[a]:ptr[a + 1]]``;
+    ``max_positives`` is the most rows for one anchor, duplicates included (ST's ``groupby.count``).
+    """
+    anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
+    positive_ids = np.asarray(positive_ids, dtype=np.int64)
+    rows = np.arange(len(anchor_ids), dtype=np.int64)
+    order = np.lexsort((rows, positive_ids, anchor_ids))
+    a, p = anchor_ids[order], positive_ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (p[1:] != p[:-1])
+    kept_rows = order[first]
+    del a, p, first
+    kept_rows = kept_rows[np.lexsort((kept_rows, anchor_ids[kept_rows]))]
+    counts = np.bincount(anchor_ids[kept_rows], minlength=n_anchors)
+    ptr = np.zeros(n_anchors + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    rows_per_anchor = np.bincount(anchor_ids, minlength=n_anchors)
+    return ptr, positive_ids[kept_rows], int(rows_per_anchor.max()) if len(rows_per_anchor) else 0
