@@ -236,9 +236,11 @@ MINING_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
 @dataclass
 class MineSpec(RuntimeOptions):
-    model: str | None = opt(None, "model directory or URL (sentence-transformers format)", required=True)
+    model: str | None = opt(
+        None, "model directory or URL (sentence-transformers format); with --from-candidates: a check only"
+    )
     input: list[str] = opt(
-        [], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs", required=True
+        [], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs (--from-candidates: theirs)"
     )
     output: str | None = opt(None, "output URL (part-*.parquet, report.json, _SUCCESS)", required=True)
     corpus: list[str] = opt([], "extra corpus (files, or an embed output); default: the positives only")
@@ -272,8 +274,28 @@ class MineSpec(RuntimeOptions):
     max_batch_tokens: int | None = opt(None, "padded tokens per forward batch")
     allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
     overwrite: bool = opt(False, "replace an existing output made with other options")
+    cross_encoder: str | None = opt(
+        None, "CrossEncoder directory or URL: rescores candidates and positives when a score rule is set"
+    )
+    max_positive_similarity: float | None = opt(
+        None, "drop candidates scoring this much or more against one of the anchor's positives"
+    )
+    exclude_duplicates: str | None = opt(
+        None, "a dedup output: drop candidates in the same duplicate group as one of the anchor's positives"
+    )
+    save_candidates: bool = opt(False, "keep every anchor's candidate window in candidates/ for re-filtering")
+    from_candidates: str | None = opt(
+        None, "re-filter the candidates/ of an earlier --save-candidates output (no model, no encoding)"
+    )
 
     def validate(self) -> None:
+        if not self.from_candidates:
+            if not self.model:
+                raise SpecError("model: required (model directory or URL), or from_candidates")
+            if not self.input:
+                raise SpecError("input: required ((anchor, positive) pairs), or from_candidates")
+        elif self.save_candidates:
+            raise SpecError("save_candidates: the candidates are already saved in from_candidates")
         if self.anchors_per_block < 1:
             raise SpecError("anchors_per_block: must be at least 1")
         if self.range_max is not None and self.range_min >= self.range_max:
