@@ -195,7 +195,9 @@ class DedupSpec(RuntimeOptions):
     output: str | None = opt(
         None, "output URL (kept/, duplicates.parquet, pairs/, report.json)", required=True
     )
-    threshold: float | None = opt(None, "score at or above which two rows are duplicates", required=True)
+    threshold: float | None = opt(None, "score at or above which two rows are duplicates (or a --target-*)")
+    target_rows: int | None = opt(None, "keep at most N rows: the highest threshold that gets there is used")
+    target_fraction: float | None = opt(None, "keep at most this fraction of the rows (0-1), as --target-rows")
     model: str | None = opt(None, "embed a raw corpus first with this model")
     similarity: str | None = opt(
         None, "override the model's similarity function", ("cosine", "dot", "euclidean", "manhattan")
@@ -229,6 +231,19 @@ class DedupSpec(RuntimeOptions):
             raise SpecError("block_size: must be at least 1")
         if self.pairs_floor is not None and self.threshold is not None and self.pairs_floor > self.threshold:
             raise SpecError(f"pairs_floor: {self.pairs_floor} is above the threshold {self.threshold}")
+        targets = [name for name in ("target_rows", "target_fraction") if getattr(self, name) is not None]
+        if len(targets) > 1:
+            raise SpecError("target_rows, target_fraction: give one of them, not both")
+        if self.threshold is None and not targets:
+            raise SpecError("threshold: required (or target_rows / target_fraction to pick it)")
+        if targets and self.threshold is not None:
+            raise SpecError(f"{targets[0]}: picks the threshold itself; drop threshold ({self.threshold})")
+        if targets and self.pairs_floor is None and not self.from_pairs:
+            raise SpecError(f"pairs_floor: required with {targets[0]} (the lowest threshold it may pick)")
+        if self.target_rows is not None and self.target_rows < 0:
+            raise SpecError(f"target_rows: must be 0 or more, got {self.target_rows}")
+        if self.target_fraction is not None and not 0 <= self.target_fraction <= 1:
+            raise SpecError(f"target_fraction: must be between 0 and 1, got {self.target_fraction}")
 
 
 MINING_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.compute.components import connected_components
 from pipeline.compute.keep import tie_tolerance
 from pipeline.io.dataset import quantize, write_embedding_part
 from pipeline.io.output import OutputFolder
@@ -223,6 +224,12 @@ def read_json(url: str, storage_options: dict | None = None) -> dict:
     return json.loads(fs.cat_file(path))
 
 
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two component labelings describe the same grouping."""
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
 def same_pairs(a: pa.Table, b: pa.Table) -> None:
     """Pairs files of two cosine runs: the same pairs; scores equal up to the float32 rounding of other tile
     shapes (each run within sum_error(DIM) of the exact cosine)."""
@@ -276,16 +283,27 @@ def check_output(out: str, vectors: np.ndarray, ids: list, fn: str, threshold: f
     if texts is not None:
         assert source.column("text").to_pylist() == [texts[r] for r in keep_rows]
 
-    # pairs/: every pair at or above the floor, with its score
+    # pairs/: a maximum spanning forest of the pairs at or above the floor (identical copies set aside):
+    # at most one edge per row, every edge a real pair with its score, and at every threshold from the
+    # floor up (the one asked, a stricter one) it joins exactly the rows all pairs join
     floor = threshold if floor is None else floor
     pairs = read_folder(f"{out}/pairs", so)
-    got_pairs = {(min(row_of[a], row_of[b]), max(row_of[a], row_of[b]))
-                 for a, b in zip(pairs.column("id").to_pylist(), pairs.column("neighbor_id").to_pylist(),
-                                 strict=True)}
-    upper = np.triu(np.ones(want["scores"].shape, dtype=bool), 1)
-    assert got_pairs == set(zip(*map(np.ndarray.tolist, np.nonzero((want["scores"] >= floor) & upper)),
-                                strict=True))
-    assert pairs.num_rows == len(got_pairs)
+    a = np.array([row_of[x] for x in pairs.column("id").to_pylist()], dtype=np.int64)
+    b = np.array([row_of[x] for x in pairs.column("neighbor_id").to_pylist()], dtype=np.int64)
+    assert (a < b).all() and len(set(zip(a.tolist(), b.tolist(), strict=True))) == len(a)
+    assert pairs.num_rows <= len(ids) - 1
+    assert len(np.unique(connected_components(len(ids), a, b))) == len(ids) - pairs.num_rows  # acyclic
+    stored = pairs.column("score").to_numpy()
+    assert (np.abs(stored - want["scores"][a, b]) <= pairwise_score_error(vectors[a], vectors[b], fn)).all()
+    copies = read_file(f"{out}/collapse/identical.parquet", so)
+    rep_of = np.arange(len(ids))
+    rep_of[copies.column("row").to_numpy()] = copies.column("rep_row").to_numpy()
+    for t in (floor, threshold, (threshold + float(want["scores"].max())) / 2):
+        full = connected_components(len(ids), *np.nonzero(np.triu(want["scores"] >= t, 1)))
+        joined = np.concatenate([a[stored >= t], np.flatnonzero(rep_of != np.arange(len(ids)))])
+        into = np.concatenate([b[stored >= t], rep_of[rep_of != np.arange(len(ids))]])
+        got = connected_components(len(ids), joined, into)
+        assert same_partition(full, got), t
 
     report = read_json(f"{out}/report.json", so)
     assert report["rows_in"] == len(ids)
@@ -465,8 +483,8 @@ def test_from_pairs_refuses_incomplete_pairs(cosine_run, tmp_path) -> None:
     c = cosine_run
     partial = tmp_path / "partial"
     shutil.copytree(c["out"], partial)
-    (partial / "pairs" / "pairs-00003.parquet").unlink()
-    with pytest.raises(ValueError, match="pairs are incomplete"):
+    (partial / "pairs" / "pairs.parquet").unlink()  # as a run that died during its search leaves it
+    with pytest.raises(ValueError, match="search did not finish"):
         run_dedup(spec(from_pairs=str(partial), output=str(tmp_path / "out"), threshold=0.95))
     assert_nothing_committed(tmp_path / "out")
 
@@ -474,29 +492,51 @@ def test_from_pairs_refuses_incomplete_pairs(cosine_run, tmp_path) -> None:
 # ---------------------------------------------------------------- resume and determinism
 
 
-def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path) -> None:
+def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypatch) -> None:
+    """A run that dies in its search (after two query parts are committed) resumes from those parts;
+    a run that dies after its search redoes only the grouping; either way the output equals a clean run's."""
+    from pipeline.io.output import OutputFolder
+
     c = cosine_run
     out = tmp_path / "out"
-    shutil.copytree(c["out"], out)  # copy2 keeps mtimes
-    pairs = sorted((out / "pairs").glob("*.parquet"))
-    assert [p.name for p in pairs] == [f"pairs-{i:05d}.parquet" for i in range(len(PART_ROWS))]
-    before = {p.name: p.stat().st_mtime_ns for p in pairs}
-    (out / "pairs" / "pairs-00002.parquet").unlink()
-    for name in ("_SUCCESS", "report.json", "duplicates.parquet"):  # as if it stopped after the pairs stage
-        (out / name).unlink()
-    shutil.rmtree(out / "kept")
+    commit = OutputFolder.commit_part
+    committed: list[str] = []
 
+    def dying(self, part, *args, **kwargs):
+        if part == "_search/pairs-00002.parquet" and dying.armed:
+            raise RuntimeError("the driver died")
+        committed.append(part)
+        return commit(self, part, *args, **kwargs)
+
+    dying.armed = True
+    monkeypatch.setattr(OutputFolder, "commit_part", dying)
+    with pytest.raises(RuntimeError, match="the driver died"):
+        run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
+    assert sorted(p.name for p in (out / "_search").glob("*.parquet")) == ["pairs-00000.parquet", "pairs-00001.parquet"]
+    assert not (out / "_SUCCESS").exists() and not (out / "pairs").exists()
+    dying.armed = False
+    committed.clear()
     report = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "pairs").glob("*.parquet")}
-    assert set(after) == set(before)
-    changed = {name for name in before if after[name] != before[name]}
-    assert changed == {"pairs-00002.parquet"}  # only the missing block was recomputed
+    searched = sorted(p for p in committed if p.startswith("_search/"))
+    assert searched == [f"_search/pairs-{i:05d}.parquet" for i in range(2, len(PART_ROWS))]  # 0 and 1 kept
+    assert not (out / "_search").exists()
     assert read_file(str(out / "duplicates.parquet")).equals(read_file(f"{c['out']}/duplicates.parquet"))
     assert read_folder(str(out / "kept")).equals(read_folder(f"{c['out']}/kept"))
     same_pairs(read_folder(str(out / "pairs")), read_folder(f"{c['out']}/pairs"))
     drop = ("timings", "workers", "actors_replaced")
     assert {k: v for k, v in report.items() if k not in drop} == {
         k: v for k, v in c["report"].items() if k not in drop}
+
+    # died after the search: the forest is kept, only the grouping and outputs are redone
+    for name in ("_SUCCESS", "report.json", "duplicates.parquet"):
+        (out / name).unlink()
+    shutil.rmtree(out / "kept")
+    before = (out / "pairs" / "pairs.parquet").stat().st_mtime_ns
+    committed.clear()
+    again = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
+    assert not any(p.startswith(("_search/", "pairs/")) for p in committed)
+    assert (out / "pairs" / "pairs.parquet").stat().st_mtime_ns == before
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in report.items() if k not in drop}
     # other options against the same output: refused, the output left alone
     with pytest.raises(ValueError, match="other input or options"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1))
@@ -534,16 +574,15 @@ def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
     report = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=threshold,
                             mode="partitioned", clusters=6, workers=2, seed=1))
     check_output(str(tmp_path / "out"), v, ids, "cosine", threshold, margin=5e-3)
-    want = oracle(v, "cosine", threshold)
     part = report["partitioned"]
     assert report["mode"] == "partitioned"
     assert part["clusters"] == 6 and 1 <= part["kmeans_iterations"] <= 20
-    assert part["pairs_found"] == len(want["pairs"])
     recall = part["recall_vs_exact"]
-    assert recall["sample_rows"] == len(v) and recall["exact_pairs"] == len(want["pairs"]) > 0
-    assert recall["found_pairs"] == recall["exact_pairs"] and recall["recall"] == 1.0
-    names = sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet"))
-    assert names == ["cluster-owner-00000-of-00002.parquet", "cluster-owner-00001-of-00002.parquet"]
+    searched = report["collapsed"]["rows_searched"]
+    assert searched == len(v) - 4 == recall["sample_rows"]  # 4 planted exact copies set aside
+    assert recall["exact_pairs"] > 0 and recall["found_pairs"] == recall["exact_pairs"] and recall["recall"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet")) == ["pairs.parquet"]
+    assert not (tmp_path / "out" / "_search").exists()
 
 
 # ---------------------------------------------------------------- bad input
@@ -678,3 +717,77 @@ def test_fortunes_raw_corpus_with_real_model(tmp_path) -> None:
     assert "embedding" not in kept.column_names
     assert set(table.column_names) <= set(kept.column_names)
     assert kept.num_rows == len(rows) - len(dup) and report["rows_out"] == kept.num_rows
+
+
+# ---------------------------------------------------------------- corpus scale: collapse, forest, curves
+
+
+def boilerplate_vectors(seed: int = 11) -> np.ndarray:
+    """3,000 unit vectors: one identical set of 2,000 copies (boilerplate), one of 300, two near-duplicate
+    chains (consecutive cosine 0.93: grouped at 0.9 only through the chain), and random rows."""
+    rng = np.random.default_rng(seed)
+    v = unit(rng.standard_normal((3000, DIM)))
+    copies = rng.permutation(3000)
+    v[copies[:2000]] = v[copies[0]]
+    v[copies[2000:2300]] = v[copies[2000]]
+    for first, length in ((2300, 12), (2400, 7)):
+        v[copies[first : first + length]] = np.stack(chain(rng, length, CHAIN_COS))
+    return v.astype(np.float32)
+
+
+def test_identical_clusters_collapse_and_groups_equal_brute_force(tmp_path) -> None:
+    """2,000 identical copies cost one searched row; groups, kept rows and scores equal the all-pairs oracle;
+    stored pairs stay under one per row."""
+    v = boilerplate_vectors()
+    ids = [f"b{r:04d}" for r in range(len(v))]
+    parts = (700, 800, 600, 900)
+    write_dataset(str(tmp_path / "in"), v, ids, parts=parts)
+    out = str(tmp_path / "out")
+    report = run_dedup(spec(input=str(tmp_path / "in"), output=out, threshold=0.9, pairs_floor=0.8, workers=2))
+    check_output(out, v, ids, "cosine", 0.9, floor=0.8)
+    collapsed = report["collapsed"]
+    assert collapsed["rows_collapsed"] == 1999 + 299 and collapsed["identical_sets"] == 2
+    assert collapsed["rows_searched"] == len(v) - collapsed["rows_collapsed"]
+    assert report["pairs_stored"] <= collapsed["rows_searched"] - 1
+    assert report["largest_group"] == 2000
+
+
+def test_threshold_curve_and_targets(tmp_path) -> None:
+    """The curve's rows removed at each threshold equal the oracle's; --target-rows / --target-fraction pick
+    the highest threshold that gets there, from a fresh run and from stored pairs alike."""
+    v, ids = case_vectors("cosine"), case_ids("cosine")
+    write_dataset(str(tmp_path / "in"), v, ids)
+    floor = 0.7
+    base = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "a"), threshold=0.9, pairs_floor=floor))
+    curve = base["threshold_curve"]
+    assert curve[0]["threshold"] == floor and len(curve) > 10
+    scores = brute_scores(v, v, "cosine")[np.triu_indices(len(v), 1)]
+    checked = 0
+    for point in curve:
+        if np.abs(scores - point["threshold"]).min() <= 2 * sum_error(DIM):
+            continue  # a pair within float32 rounding of this threshold: either side is right
+        checked += 1
+        want = oracle(v, "cosine", point["threshold"])
+        assert point["rows_removed"] == len(want["removed"]), point
+        assert point["groups"] == len(want["groups"]), point
+    assert checked > 10
+    # a target between two curve points: the highest threshold with at most that many rows left
+    target = len(v) - (curve[0]["rows_removed"] + curve[-1]["rows_removed"]) // 2
+    picked = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "b"), target_rows=target,
+                            pairs_floor=floor))
+    t = picked["threshold"]
+    assert picked["rows_out"] <= target and picked["target"]["threshold"] == t
+    assert len(v) - len(oracle(v, "cosine", float(np.nextafter(np.float32(t), np.float32(2))))["removed"]) > target
+    again = run_dedup(spec(from_pairs=str(tmp_path / "a"), output=str(tmp_path / "c"), target_fraction=target / len(v)))
+    assert again["threshold"] == t and again["rows_out"] == picked["rows_out"]
+    # out of reach above the floor, and bad values: clear errors, nothing written
+    with pytest.raises(RuntimeError, match="cannot be reached at or above the pairs floor 0.7"):
+        run_dedup(spec(from_pairs=str(tmp_path / "a"), output=str(tmp_path / "d"), target_rows=1))
+    assert_nothing_committed(tmp_path / "d")
+    for values, message in (({"target_rows": -1, "pairs_floor": 0.7}, "target_rows: must be 0 or more"),
+                            ({"target_fraction": 1.5, "pairs_floor": 0.7}, "target_fraction: must be between 0 and 1"),
+                            ({"target_rows": 5, "threshold": 0.9}, "drop threshold"),
+                            ({"target_rows": 5}, "pairs_floor: required with target_rows"),
+                            ({}, "threshold: required")):
+        with pytest.raises(ValueError, match=message):
+            spec(input=str(tmp_path / "in"), output=str(tmp_path / "e"), **values)

@@ -181,12 +181,14 @@ class PartsLoader:
     parts: tuple[dict, ...]  # manifest entries: part, rows, sha256
     storage_options: dict
     metadata: dict
+    rows: tuple | None = None  # per part, the local rows to keep (None: all), e.g. one row per identical set
 
     def __call__(self) -> np.ndarray:
         folder = OutputFolder(self.root, self.storage_options)
-        arrays = [
-            float_vectors(folder.read_part(part, ["embedding"]), self.metadata, folder.url_of(part["part"]))
-            for part in self.parts
-        ]
+        arrays = []
+        for number, part in enumerate(self.parts):
+            vectors = float_vectors(folder.read_part(part, ["embedding"]), self.metadata, folder.url_of(part["part"]))
+            picked = None if self.rows is None else self.rows[number]
+            arrays.append(vectors if picked is None else vectors[np.asarray(picked, dtype=np.int64)])
         dim = self.metadata.get("dim") or (arrays[0].shape[1] if arrays else 0)
         return np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)

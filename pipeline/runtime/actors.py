@@ -147,24 +147,35 @@ class IndexShardActor:
         threshold: float,
         block_size: int,
         upper_only: bool = True,
+        forest: bool = False,
     ) -> tuple:
-        """Pairs (i, j, score) with score >= threshold between the queries and this slice."""
+        """Pairs (i, j, score) with score >= threshold between the queries and this slice; with ``forest``
+        only their maximum spanning forest (what dedup stores: as many edges as rows, at most)."""
         import numpy as np
         import torch
 
+        from pipeline.compute.components import max_spanning_forest
         from pipeline.compute.knn import range_pairs
+
+        def reduced(found: tuple) -> tuple:
+            if not forest:
+                return found
+            keep = max_spanning_forest(*found)
+            return tuple(a[keep] for a in found)
 
         q = torch.tensor(queries).to(self.device)
         found = [
-            range_pairs(
-                q,
-                self.vectors[local : local + rows],
-                fn,
-                threshold,
-                query_offset=query_offset,
-                corpus_offset=start,
-                block_size=block_size,
-                upper_only=upper_only,
+            reduced(
+                range_pairs(
+                    q,
+                    self.vectors[local : local + rows],
+                    fn,
+                    threshold,
+                    query_offset=query_offset,
+                    corpus_offset=start,
+                    block_size=block_size,
+                    upper_only=upper_only,
+                )
             )
             for start, local, rows in self.runs
             if not (upper_only and start + rows <= query_offset + 1)
@@ -173,7 +184,7 @@ class IndexShardActor:
             return found[0]
         if not found:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        i, j, s = (np.concatenate([f[k] for f in found]) for k in range(3))
+        i, j, s = reduced(tuple(np.concatenate([f[k] for f in found]) for k in range(3)))
         order = np.lexsort((j, i))
         return i[order], j[order], s[order]
 
@@ -232,11 +243,13 @@ class IndexShardActor:
             bundles.append((index[mask], labels[mask], vectors[mask]))
         return bundles if owners > 1 else bundles[0]
 
-    def cluster_pairs(self, fn: str, threshold: float, block_size: int, *bundles: tuple) -> tuple:
-        """Exact pairs inside each cluster of the bundles this actor owns (global indices, i < j)."""
+    def cluster_pairs(self, fn: str, threshold: float, block_size: int, forest: bool, *bundles: tuple) -> tuple:
+        """Exact pairs inside each cluster of the bundles this actor owns (global indices, i < j); with
+        ``forest`` only their maximum spanning forest."""
         import numpy as np
         import torch
 
+        from pipeline.compute.components import max_spanning_forest
         from pipeline.compute.knn import range_pairs
 
         index = np.concatenate([b[0] for b in bundles]) if bundles else np.zeros(0, np.int64)
@@ -248,6 +261,9 @@ class IndexShardActor:
             members = members[np.argsort(index[members], kind="stable")]
             x = torch.as_tensor(vectors[members]).to(self.device)
             i, j, s = range_pairs(x, x, fn, threshold, block_size=block_size, upper_only=True)
+            if forest:
+                keep = max_spanning_forest(i, j, s)
+                i, j, s = i[keep], j[keep], s[keep]
             out_i.append(index[members][i])
             out_j.append(index[members][j])
             out_s.append(s)

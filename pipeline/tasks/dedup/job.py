@@ -6,21 +6,37 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
+
 from pipeline.io.output import PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, DatasetError, OutputFolder, plan_key
 from pipeline.io.storage import parse_storage_options
 from pipeline.model.similarity import check_threshold
 from pipeline.spec import DedupSpec
+from pipeline.tasks.dedup.collapse import COLLAPSE_DIR, COLLAPSED_FILE, Collapse, collapse
+from pipeline.tasks.dedup.groups import (
+    Edges,
+    forest_weights,
+    group,
+    target_rows,
+    threshold_curve,
+    threshold_for,
+)
 from pipeline.tasks.dedup.outputs import DUPLICATES_FILE, KEPT_DIR, REPORT_FILE, finish, write_outputs
 from pipeline.tasks.dedup.pairs import (
     PAIRS_DIR,
+    SEARCH_DIR,
+    SearchSpace,
+    commit_forest,
     estimate_recall,
     exact_pairs,
     partitioned_pairs,
     read_pairs,
+    searched,
     slices,
 )
 from pipeline.tasks.dedup.source import DedupError, Source, load_source, resolve_source
 
+EDGE_COLUMNS = ["row", "neighbor_row", "score"]
 DEDUP_FILES = (
     SUCCESS_FILE,
     REPORT_FILE,
@@ -29,6 +45,8 @@ DEDUP_FILES = (
     PAIRS_DIR,
     KEPT_DIR,
     RECEIPTS_DIR,
+    COLLAPSE_DIR,
+    SEARCH_DIR,
     "_manifest.json",
 )
 
@@ -72,79 +90,105 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     source = resolve_source(spec, output, log)
     fn = spec.similarity or source.metadata.get("similarity_fn_name", "cosine")
     normalized = bool(source.metadata.get("normalized")) and spec.similarity in (None, fn)
-    check_threshold(fn, spec.threshold, normalized)
+    if spec.threshold is not None:
+        check_threshold(fn, spec.threshold, normalized)
     floor = spec.pairs_floor if spec.pairs_floor is not None else spec.threshold
     check_threshold(fn, floor, normalized)
 
     cluster.connect(spec.ray_address)
     actor_plan = cluster.plan_actors(spec.workers)
-    loaders = slices(source, actor_plan.workers)
-    key = plan_key(plan_material(source, fn, floor, spec, len(loaders)))
-    claim(
-        output,
-        key,
-        {
-            "source": source.root,
-            "similarity_fn_name": fn,
-            "pairs_floor": floor,
-            "mode": spec.mode,
-            "raw": source.raw,
-        },
-        spec,
-        log,
-    )
+    workers = max(1, min(actor_plan.workers, len(source.parts)))
+    key = plan_key(plan_material(source, fn, floor, spec, workers))
+    plan = {"source": source.root, "similarity_fn_name": fn, "pairs_floor": floor, "mode": spec.mode,
+            "raw": source.raw}
+    claim(output, key, plan, spec, log)
     ids = source.ids()
+    identical = collapse(source, fn, output)
+    space = SearchSpace.of(source, identical.reps)
+    log(f"{source.rows} rows; {len(identical.members)} exact copies set aside, {space.rows} rows searched")
+    loaders = slices(space, workers)
     num_cpus = actor_plan.num_cpus
     if not actor_plan.num_gpus:  # more workers than CPUs: share them, or the extra actors never start
         num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
     timings = {}
-    extra: dict = {"mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders)}
+    extra: dict = {
+        "mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders),
+        "collapsed": {"identical_sets": int(len(np.unique(identical.rep_of[identical.members]))),
+                      "rows_collapsed": int(len(identical.members)), "rows_searched": int(space.rows)},
+    }
     with index_pool(loaders, actor_plan.num_gpus, num_cpus) as pool:
         pairs_started = time.perf_counter()
-        if spec.mode == "exact":
-            with tqdm(total=source.rows, unit="rows", disable=not spec.progress, file=sys.stderr) as bar:
-                exact_pairs(pool, source, ids, fn, floor, spec, output, bar)
-        else:
-            extra["partitioned"] = partitioned_pairs(pool, source, ids, fn, floor, spec, output, log)
+        if not searched(output):
+            if spec.mode == "exact":
+                with tqdm(total=source.rows, unit="rows", disable=not spec.progress, file=sys.stderr) as bar:
+                    forest = exact_pairs(pool, space, ids, fn, floor, spec, output, bar)
+            else:
+                forest, extra["partitioned"] = partitioned_pairs(pool, space, ids, fn, floor, spec, output, log)
+            commit_forest(output, forest, ids)
         timings["pairs_seconds"] = round(time.perf_counter() - pairs_started, 3)
-        pairs = read_pairs(output, spec.mode, source)
+        edges = Edges.of(read_pairs(output, EDGE_COLUMNS), identical.rep_of, identical.self_score)
+        threshold = choose_threshold(spec, edges, source.rows, floor)
         if spec.mode == "partitioned":
-            extra["partitioned"]["recall_vs_exact"] = estimate_recall(
-                pool, source, fn, spec.threshold, spec, pairs
-            )
+            labels = group(source.rows, edges, threshold).labels
+            extra.setdefault("partitioned", {})["recall_vs_exact"] = estimate_recall(pool, space, fn, threshold, spec, labels)
         extra["actors_replaced"] = pool.stats.actors_replaced
     extra["timings"] = timings
-    report = write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, extra)
+    report = group_and_write(spec, source, ids, edges, fn, floor, threshold, output, extra, identical.rep_of)
     report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     return finish(output, report, source, spec.mode)
 
 
+def choose_threshold(spec: DedupSpec, edges: Edges, rows: int, floor: float) -> float:
+    """``--threshold`` as given, or the highest threshold that reaches ``--target-rows/--target-fraction``."""
+    target = target_rows(rows, spec.target_rows, spec.target_fraction)
+    if target is None:
+        return spec.threshold
+    try:
+        return threshold_for(forest_weights(edges), rows, target, floor)
+    except ValueError as exc:
+        raise DedupError(str(exc)) from None
+
+
+def group_and_write(spec, source, ids, edges: Edges, fn: str, floor: float, threshold: float,
+                    output: OutputFolder, extra: dict, rep_of) -> dict:
+    """The threshold curve and target in the report, then the groups and outputs at ``threshold``."""
+    target = target_rows(source.rows, spec.target_rows, spec.target_fraction)
+    extra["threshold_curve"] = threshold_curve(edges, floor)
+    if target is not None:
+        extra["target"] = {"rows": spec.target_rows, "fraction": spec.target_fraction, "target_rows": target,
+                           "threshold": threshold}
+    return write_outputs(spec, source, ids, edges, fn, threshold, output, extra, rep_of)
+
+
 def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
-    """``--from-pairs``: group an earlier run's stored pairs at a new (stricter) threshold; no scoring."""
+    """``--from-pairs``: group an earlier run's stored pairs at a new threshold (at or above its floor), or
+    at the threshold a target picks; no scoring."""
     earlier = OutputFolder(spec.from_pairs, output.storage_options)
     plan = earlier.plan()
-    if plan is None or not earlier.committed(PAIRS_DIR):
-        raise DatasetError(f"{earlier.url}: not a dedup output (no _plan.json or pairs/)")
-    if spec.threshold < plan["pairs_floor"]:
+    if plan is None:
+        raise DatasetError(f"{earlier.url}: not a dedup output (no _plan.json)")
+    floor = plan["pairs_floor"]
+    if spec.threshold is not None and spec.threshold < floor:
         raise DedupError(
-            f"threshold {spec.threshold} is below the pairs floor {plan['pairs_floor']} of "
+            f"threshold {spec.threshold} is below the pairs floor {floor} of "
             f"{earlier.url}; pairs under the floor were not stored (run a fresh dedup instead)"
         )
     fn = plan["similarity_fn_name"]
     source = load_source(OutputFolder(plan["source"], output.storage_options), raw=bool(plan.get("raw")))
-    pairs = read_pairs(earlier, plan["mode"], source)
+    identical = earlier.committed(COLLAPSE_DIR)
+    if 0 not in identical:
+        raise DatasetError(f"{earlier.url}: no {COLLAPSED_FILE}; it was made by an older embedpipe: run dedup again")
+    identical = Collapse.from_table(source.rows, earlier.read_part(identical[0]))
+    edges = Edges.of(read_pairs(earlier, EDGE_COLUMNS), identical.rep_of, identical.self_score)
+    threshold = choose_threshold(spec, edges, source.rows, floor)
     output.mark_incomplete()  # its outputs are about to be rewritten
     if output.url != earlier.url:
-        for receipt in earlier.committed(PAIRS_DIR).values():
-            output.commit_part(receipt.part, receipt.shard_id, earlier.read_part(receipt))
+        for folder in (PAIRS_DIR, COLLAPSE_DIR):
+            for receipt in earlier.committed(folder).values():
+                output.commit_part(receipt.part, receipt.shard_id, earlier.read_part(receipt))
         output.write_json(PLAN_FILE, plan)
     ids = source.ids()
-    log(f"re-grouping {pairs.num_rows} stored pairs of {earlier.url} at threshold {spec.threshold}")
-    extra = {
-        "mode": plan["mode"],
-        "pairs_floor": plan["pairs_floor"],
-        "source": source.root,
-        "from_pairs": earlier.url,
-    }
-    report = write_outputs(spec, source, ids, pairs, fn, spec.threshold, output, extra)
+    log(f"re-grouping {edges.stored} stored pairs of {earlier.url} at threshold {threshold}")
+    extra = {"mode": plan["mode"], "pairs_floor": floor, "source": source.root, "from_pairs": earlier.url}
+    report = group_and_write(spec, source, ids, edges, fn, floor, threshold, output, extra, identical.rep_of)
     return finish(output, report, source, plan["mode"])

@@ -12,7 +12,8 @@ import pyarrow as pa
 from pipeline.io.output import OutputFolder
 from pipeline.model.similarity import similarity
 from pipeline.spec import DedupSpec
-from pipeline.tasks.dedup.groups import choose_kept, group
+from pipeline.tasks.dedup.collapse import COLLAPSE_DIR
+from pipeline.tasks.dedup.groups import Edges, choose_kept, group
 from pipeline.tasks.dedup.pairs import PAIRS_DIR
 from pipeline.tasks.dedup.source import Source
 
@@ -40,45 +41,45 @@ def size_histogram(sizes: np.ndarray) -> dict:
 def write_outputs(
     spec: DedupSpec,
     source: Source,
-    ids: list,
-    pairs: pa.Table,
+    ids: pa.Array,
+    edges: Edges,
     fn: str,
     threshold: float,
     output: OutputFolder,
     report: dict,
+    rep_of: np.ndarray | None = None,
 ) -> dict:
-    """Groups at ``threshold``, the keep policy, then kept/, duplicates.parquet, report.json, _SUCCESS."""
+    """Groups at ``threshold``, the keep policy, then duplicates.parquet and kept/ (report.json, the
+    manifest and _SUCCESS follow in `finish`)."""
     started = time.perf_counter()
     n = source.rows
-    groups = group(n, pairs, threshold)
+    rep_of = np.arange(n, dtype=np.int64) if rep_of is None else rep_of
+    groups = group(n, edges, threshold)
     members = groups.members()
     grouped = groups.grouped
-    vectors = source.rows_of(grouped, "embedding")
+    vectors = source.rows_of(np.unique(rep_of[grouped]), "embedding")  # one vector per identical set
     lengths = None
     if spec.keep == "longest":
         column = source.metadata.get("text_column") or spec.text_column
-        lengths = {row: len(text or "") for row, text in source.rows_of(grouped, column).items()}
-    kept = choose_kept(spec.keep, members, fn, vectors, lengths)
+        lengths = source.lengths_of(grouped, column)
+    kept = choose_kept(spec.keep, members, fn, vectors, lengths, rep_of)
     labels = groups.labels
     group_number = {label: number for number, label in enumerate(sorted(kept))}
     removed = np.array([r for r in grouped if kept[int(labels[r])] != r], dtype=np.int64)
-    scores = np.array(
-        [similarity(vectors[int(r)][None], vectors[kept[int(labels[r])]][None], fn)[0, 0] for r in removed],
-        dtype=np.float32,
-    )
-    id_type = pa.array(ids[:1]).type
+    scores = scores_to_kept(removed, labels, kept, rep_of, vectors, fn)
+    kept_rows = np.array([kept[int(labels[r])] for r in removed], dtype=np.int64)
     duplicates = pa.table(
         {
-            "id": pa.array([ids[r] for r in removed], id_type),
+            "id": ids.take(pa.array(removed, pa.int64())),
             "group_id": pa.array([group_number[int(labels[r])] for r in removed], pa.int64()),
-            "kept_id": pa.array([ids[kept[int(labels[r])]] for r in removed], id_type),
+            "kept_id": ids.take(pa.array(kept_rows, pa.int64())),
             "score": pa.array(scores, pa.float32()),
         }
     )
     receipts = [output.commit_part(DUPLICATES_FILE, 0, duplicates)]
     receipts += write_kept(source, set(removed.tolist()), output)
     group_sizes = groups.sizes[sorted(kept)] if kept else np.zeros(0, np.int64)
-    at = groups.pairs_at_threshold
+    at = edges.w[: edges.stored][edges.w[: edges.stored].astype(np.float64) >= threshold]
     report = dict(
         report,
         **{
@@ -89,17 +90,30 @@ def write_outputs(
             "threshold": threshold,
             "similarity_fn_name": fn,
             "keep": spec.keep,
-            "pairs_at_threshold": at.num_rows,
-            "pairs_stored": pairs.num_rows,
+            "pairs_at_threshold": groups.pairs_at_threshold,
+            "pairs_stored": edges.stored,
             "group_size_histogram": size_histogram(group_sizes),
             "largest_group": int(group_sizes.max()) if len(group_sizes) else 0,
             "score_to_kept_histogram": histogram(scores),
-            "pair_score_histogram": histogram(at.column("score").to_numpy()),
+            "pair_score_histogram": histogram(at),
         },
     )
     report.setdefault("timings", {})["grouping_seconds"] = round(time.perf_counter() - started, 3)
     report["parts"] = receipts  # finish() lists them in the manifest; popped before report.json is written
     return report
+
+
+def scores_to_kept(removed: np.ndarray, labels: np.ndarray, kept: dict, rep_of: np.ndarray, vectors: dict,
+                   fn: str) -> np.ndarray:
+    """Each removed row's score to its group's kept row, computed once per (identical set, kept row)."""
+    cache: dict[tuple[int, int], float] = {}
+    out = np.zeros(len(removed), dtype=np.float32)
+    for k, row in enumerate(removed):
+        key = (int(rep_of[row]), int(rep_of[kept[int(labels[row])]]))
+        if key not in cache:
+            cache[key] = float(similarity(vectors[key[0]][None], vectors[key[1]][None], fn)[0, 0])
+        out[k] = cache[key]
+    return out
 
 
 def write_kept(source: Source, removed: set[int], output: OutputFolder) -> list:
@@ -121,9 +135,6 @@ def finish(output: OutputFolder, report: dict, source: Source, mode: str) -> dic
     """report.json, then the manifest (duplicates, kept parts and the pairs, checked) and ``_SUCCESS``."""
     parts = report.pop("parts")
     output.write_json(REPORT_FILE, report)
-    pairs = output.committed(PAIRS_DIR)
-    output.finish(
-        {"job": "dedup", "source": source.root, "mode": mode},
-        parts=[*parts, *(pairs[n] for n in sorted(pairs))],
-    )
+    stored = [*output.committed(PAIRS_DIR).values(), *output.committed(COLLAPSE_DIR).values()]
+    output.finish({"job": "dedup", "source": source.root, "mode": mode}, parts=[*parts, *stored])
     return report

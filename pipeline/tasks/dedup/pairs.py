@@ -1,109 +1,173 @@
-"""Dedup stage 2, pairs: every pair scoring at or above ``pairs_floor``, computed by index actors that each
-hold a slice of the vectors, committed as one part per query part (exact) or per cluster owner
-(partitioned) under ``pairs/``, so a re-run skips what is committed."""
+"""Dedup stage 2, pairs: the maximum spanning forest of every pair scoring at or above ``pairs_floor``.
+
+Index actors each hold a slice of the searched vectors (one representative per identical set, see
+`collapse`) and reduce what they find to its maximum spanning forest; the driver merges each query part's
+edges (exact) or each cluster owner's (partitioned) into the running forest and commits, as one part
+under ``_search/``, the edges that entered it, so a re-run skips what is committed. Once every part is
+searched, the forest itself is committed as ``pairs/pairs.parquet`` (at most one edge per searched row)
+and ``_search/`` goes. Storage and driver memory are linear in the rows whatever the size of a duplicate
+cluster, and the forest still gives, at any threshold at or above the floor, exactly the groups all
+pairs would give (single linkage).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io.output import OutputFolder
+from pipeline.compute.components import SpanningForest
+from pipeline.io.dataset import PartsLoader
+from pipeline.io.output import RECEIPTS_DIR, DatasetError, OutputFolder
 from pipeline.spec import DedupSpec
 from pipeline.tasks.dedup.source import Source
 
 KMEANS_SAMPLE = 20000
 PAIRS_DIR = "pairs"
-PAIR_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("neighbor_row", pa.int64()),
-        ("id", pa.string()),
-        ("neighbor_id", pa.string()),
-        ("score", pa.float32()),
-    ]
-)
+PAIRS_FILE = f"{PAIRS_DIR}/pairs.parquet"
+SEARCH_DIR = "_search"
 
 
-def slices(source: Source, workers: int) -> list[tuple[object, list[tuple[int, int]]]]:
+@dataclass(frozen=True)
+class SearchSpace:
+    """The rows the search runs over: the representatives, renumbered 0..R-1 in corpus order (so i < j
+    means the same in both numberings)."""
+
+    source: Source
+    reps: np.ndarray  # global row of each searched row, ascending
+    local: tuple[np.ndarray, ...]  # per source part, the local rows it contributes
+
+    @classmethod
+    def of(cls, source: Source, reps: np.ndarray) -> SearchSpace:
+        offsets = source.offsets()
+        local = tuple(
+            reps[(reps >= offsets[p]) & (reps < offsets[p + 1])] - offsets[p] for p in range(len(source.parts))
+        )
+        return cls(source, reps, local)
+
+    @property
+    def rows(self) -> int:
+        return len(self.reps)
+
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum([len(rows) for rows in self.local]).tolist()]
+
+    def loader(self, parts) -> PartsLoader:
+        """A picklable reader of the given parts' searched rows (for an actor)."""
+        parts = list(parts)
+        source = self.source
+        return PartsLoader(
+            source.root,
+            tuple(source.parts[p] for p in parts),
+            source.folder.storage_options,
+            source.metadata,
+            rows=tuple(self.local[p] for p in parts),
+        )
+
+
+def slices(space: SearchSpace, workers: int) -> list[tuple[object, list[tuple[int, int]]]]:
     """One slice per actor: every W-th part (part p goes to actor p % W), as (loader, [(global start, rows)]).
 
     Striped rather than contiguous: query part k is scored against parts k, k+1, ...; with contiguous
     slices the last actor works at every step while the first idles after its own range (W workers were
     about W/2 times faster than one). Striped, every step's parts are spread evenly over the actors.
     """
-    offsets = source.offsets()
-    workers = max(1, min(workers, len(source.parts)))
+    offsets = space.offsets()
+    parts = len(space.local)
+    workers = max(1, min(workers, parts))
     result = []
     for slot in range(workers):
-        picked = range(slot, len(source.parts), workers)
+        picked = range(slot, parts, workers)
         runs: list[tuple[int, int]] = []
         for p in picked:
-            rows = int(source.parts[p]["rows"])
+            rows = len(space.local[p])
+            if not rows:
+                continue
             if runs and runs[-1][0] + runs[-1][1] == offsets[p]:
                 runs[-1] = (runs[-1][0], runs[-1][1] + rows)  # adjacent parts (one worker): merge
             else:
                 runs.append((offsets[p], rows))
-        result.append((source.loader(picked), runs))
+        result.append((space.loader(picked), runs))
     return result
 
 
-def pairs_table(i: np.ndarray, j: np.ndarray, s: np.ndarray, ids: list) -> pa.Table:
+def pairs_table(i: np.ndarray, j: np.ndarray, s: np.ndarray, ids: pa.Array) -> pa.Table:
     order = np.lexsort((j, i))
     i, j, s = i[order], j[order], s[order]
-    id_type = pa.array(ids[:1]).type
     return pa.table(
         {
             "row": pa.array(i, pa.int64()),
             "neighbor_row": pa.array(j, pa.int64()),
-            "id": pa.array([ids[k] for k in i], id_type),
-            "neighbor_id": pa.array([ids[k] for k in j], id_type),
+            "id": ids.take(pa.array(i, pa.int64())),
+            "neighbor_id": ids.take(pa.array(j, pa.int64())),
             "score": pa.array(s, pa.float32()),
         }
     )
 
 
+def merge(forest: SpanningForest, space: SearchSpace, found: list[tuple], ids: pa.Array) -> pa.Table:
+    """Edges found in searched-row numbers -> corpus rows, merged into the forest; the table of those
+    that entered it (what is committed)."""
+    i, j, s = (
+        np.concatenate([f[k] for f in found]) if found else np.zeros(0, dtype) for k, dtype in
+        enumerate((np.int64, np.int64, np.float32))
+    )
+    i, j = space.reps[i.astype(np.int64)], space.reps[j.astype(np.int64)]
+    entered = forest.add(i, j, s)
+    return pairs_table(i[entered], j[entered], s[entered].astype(np.float32), ids)
+
+
+def restore(forest: SpanningForest, output: OutputFolder, done: dict) -> None:
+    """A resumed run: the committed edges rebuild the forest they came from."""
+    for number in sorted(done):
+        table = output.read_part(done[number], ["row", "neighbor_row", "score"])
+        forest.add(table.column("row").to_numpy(), table.column("neighbor_row").to_numpy(),
+                   table.column("score").to_numpy())
+
+
 def exact_pairs(
-    pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, bar
-) -> int:
-    """Every pair i < j with score >= floor: each query part against every part at or after it."""
+    pool, space: SearchSpace, ids: pa.Array, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, bar
+) -> SpanningForest:
+    """The forest of every pair i < j with score >= floor: each query part against every part at or after it."""
     import ray
 
-    offsets = source.offsets()
-    slice_ends = [max(start + rows for start, rows in runs) for _, runs in slices(source, pool.size)]
-    done = output.committed(PAIRS_DIR)
-    found = 0
-    for index, part in enumerate(source.parts):
+    offsets = space.offsets()
+    slice_ends = [max((start + rows for start, rows in runs), default=0) for _, runs in slices(space, pool.size)]
+    done = output.committed(SEARCH_DIR)
+    forest = SpanningForest()
+    restore(forest, output, done)
+    for index, part in enumerate(space.source.parts):
         rows = int(part["rows"])
         if index in done:
             bar.update(rows)
             continue
-        ref = ray.put(source.loader([index])())
-        start = offsets[index]
-        results = pool.call_each(
-            "pairs",
-            lambda slot, r=ref, s=start: (
-                None if slice_ends[slot] <= s else (r, s, fn, floor, spec.block_size, True)
-            ),
-        )
-        i, j, s = (np.concatenate([r[k] for r in results]) if results else np.zeros(0) for k in range(3))
-        table = pairs_table(i.astype(np.int64), j.astype(np.int64), s.astype(np.float32), ids)
-        output.commit_part(f"{PAIRS_DIR}/pairs-{index:05d}.parquet", index, table)
-        found += table.num_rows
+        found = []
+        if len(space.local[index]):
+            ref = ray.put(space.loader([index])())
+            start = offsets[index]
+            found = pool.call_each(
+                "pairs",
+                lambda slot, r=ref, s=start: (
+                    None if slice_ends[slot] <= s else (r, s, fn, floor, spec.block_size, True, True)
+                ),
+            )
+        table = merge(forest, space, found, ids)
+        output.commit_part(f"{SEARCH_DIR}/pairs-{index:05d}.parquet", index, table)
         bar.update(rows)
-    return found
+    return forest
 
 
 def partitioned_pairs(
-    pool, source: Source, ids: list, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, log
-) -> dict:
+    pool, space: SearchSpace, ids: pa.Array, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, log
+) -> tuple[SpanningForest, dict]:
     """SemDeDup: seeded k-means over the workers, then exact pairs inside each cluster."""
     import torch
 
     from pipeline.compute.kmeans import init_centroids, update
 
-    n = source.rows
+    n = space.rows
     k = min(n, spec.clusters or max(1, round(math.sqrt(n))))
     normalize = fn == "cosine"
     rng = np.random.default_rng(spec.seed)
@@ -127,14 +191,13 @@ def partitioned_pairs(
             break
     owners = pool.size
     log(f"k-means: {k} clusters after {iterations} iteration(s); exact pairs inside each cluster")
-    found = 0
-    for owner, (i, j, s) in cluster_pairs(
-        pool, centroids, fn, normalize, floor, spec.block_size, output.committed(PAIRS_DIR)
-    ):
-        table = pairs_table(i, j, s, ids)
-        output.commit_part(f"{PAIRS_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
-        found += table.num_rows
-    return {"clusters": k, "kmeans_iterations": iterations, "pairs_found": found}
+    done = output.committed(SEARCH_DIR)
+    forest = SpanningForest()
+    restore(forest, output, done)
+    for owner, found in cluster_pairs(pool, centroids, fn, normalize, floor, spec.block_size, done):
+        table = merge(forest, space, [found], ids)
+        output.commit_part(f"{SEARCH_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
+    return forest, {"clusters": k, "kmeans_iterations": iterations}
 
 
 def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block_size: int, done):
@@ -160,7 +223,7 @@ def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block
                 if owner in finished:
                     continue
                 bundles = [refs[owner] for refs in split_refs]
-                result = ray.get(pool.actors[owner].cluster_pairs.remote(fn, floor, block_size, *bundles))
+                result = ray.get(pool.actors[owner].cluster_pairs.remote(fn, floor, block_size, True, *bundles))
                 finished.add(owner)
                 yield owner, result
             return
@@ -178,14 +241,13 @@ def gather_vectors(pool, index: np.ndarray) -> np.ndarray:
     return vectors[np.argsort(rows, kind="stable")]
 
 
-def estimate_recall(
-    pool, source: Source, fn: str, threshold: float, spec: DedupSpec, found: pa.Table
-) -> dict:
-    """Recall of partitioned mode against exact search, for the pairs touching a seeded sample of rows."""
+def estimate_recall(pool, space: SearchSpace, fn: str, threshold: float, spec: DedupSpec, labels: np.ndarray) -> dict:
+    """Recall of partitioned mode against exact search, for the pairs touching a seeded sample of searched
+    rows: an exact pair counts as found when partitioned mode put both rows in one group."""
     import ray
 
     rng = np.random.default_rng(spec.seed + 1)
-    sample = np.sort(rng.choice(source.rows, size=min(source.rows, spec.recall_sample), replace=False))
+    sample = np.sort(rng.choice(space.rows, size=min(space.rows, spec.recall_sample), replace=False))
     ref = ray.put(gather_vectors(pool, sample))
     results = pool.call_each("pairs", lambda slot: (ref, 0, fn, threshold, spec.block_size, False))
     exact = set()
@@ -193,14 +255,8 @@ def estimate_recall(
         for a, b in zip(sample[i], j, strict=True):
             if a != b:
                 exact.add((min(a, b), max(a, b)))
-    at = found.filter(pa.compute.greater_equal(found.column("score"), threshold))
-    in_sample = set(sample.tolist())
-    partitioned = {
-        (a, b)
-        for a, b in zip(at.column("row").to_pylist(), at.column("neighbor_row").to_pylist(), strict=True)
-        if a in in_sample or b in in_sample
-    }
-    hit = len(exact & partitioned)
+    rows = space.reps
+    hit = sum(1 for a, b in exact if labels[rows[a]] == labels[rows[b]])
     return {
         "sample_rows": int(len(sample)),
         "exact_pairs": len(exact),
@@ -209,32 +265,23 @@ def estimate_recall(
     }
 
 
-def expected_pairs_parts(mode: str, source: Source, names: list[str]) -> set[str]:
-    """The pairs parts a finished run has: one per source part (exact) or per owner (partitioned, the
-    owner count read from the names themselves)."""
-    if mode == "exact":
-        return {f"pairs-{index:05d}.parquet" for index in range(len(source.parts))}
-    owners = {
-        int(n[: -len(".parquet")].rsplit("-of-", 1)[1])
-        for n in names
-        if n.startswith("cluster-owner-") and n.endswith(".parquet")
-    }
-    return {f"cluster-owner-{o:05d}-of-{count:05d}.parquet" for count in owners for o in range(count)}
+def commit_forest(output: OutputFolder, forest: SpanningForest, ids: pa.Array) -> None:
+    """The search is complete: its forest becomes ``pairs/pairs.parquet``; the per-part results go."""
+    output.commit_part(PAIRS_FILE, 0, pairs_table(forest.i, forest.j, forest.w, ids))
+    output.remove(SEARCH_DIR)
+    output.remove(f"{RECEIPTS_DIR}/{SEARCH_DIR}")
 
 
-def read_pairs(output: OutputFolder, mode: str, source: Source) -> pa.Table:
-    """Every committed pairs part, checksums verified, in part order; a DatasetError if any is missing."""
+def searched(output: OutputFolder) -> bool:
+    """Whether an earlier run of this plan finished the search (its forest is committed)."""
+    return 0 in output.committed(PAIRS_DIR)
+
+
+def read_pairs(output: OutputFolder, columns: list[str] | None = None) -> pa.Table:
+    """The committed forest (checksum verified); a DatasetError when the search never finished."""
     receipts = output.committed(PAIRS_DIR)
-    names = [r.part.rsplit("/", 1)[-1] for r in receipts.values()]
-    missing = sorted(expected_pairs_parts(mode, source, names) - set(names)) or (
-        [] if names else ["pairs/*.parquet"]
-    )
-    if missing:
-        from pipeline.io.output import DatasetError
-
+    if 0 not in receipts:
         raise DatasetError(
-            f"{output.url}: the pairs are incomplete (missing {missing[0]}); finish that dedup first "
-            "(re-running it resumes)"
+            f"{output.url}: no {PAIRS_FILE}: its search did not finish (re-running that dedup resumes it)"
         )
-    tables = [output.read_part(receipts[number]) for number in sorted(receipts)]
-    return pa.concat_tables(tables, promote_options="default")
+    return output.read_part(receipts[0], columns)

@@ -49,11 +49,27 @@ class Source:
         """Part ``index``, checked against its manifest checksum."""
         return self.folder.read_part(self.parts[index], columns)
 
-    def ids(self, column: str = "id") -> list:
-        ids: list = []
-        for index in range(len(self.parts)):
-            ids.extend(self.read_part(index, [column]).column(column).to_pylist())
-        return ids
+    def ids(self, column: str = "id") -> pa.Array:
+        """Every row's id, in corpus order, as one Arrow array (compact: no Python object per id)."""
+        chunks = [self.read_part(index, [column]).column(column) for index in range(len(self.parts))]
+        return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], chunks[0].type).combine_chunks()
+
+    def lengths_of(self, rows, column: str) -> dict[int, int]:
+        """The text length of each given global row (for ``--keep longest``), streaming part by part."""
+        offsets = self.offsets()
+        wanted = np.asarray(sorted(rows), dtype=np.int64)
+        out: dict[int, int] = {}
+        for index, part in enumerate(self.parts):
+            local = wanted[(wanted >= offsets[index]) & (wanted < offsets[index + 1])] - offsets[index]
+            if not len(local):
+                continue
+            table = self.read_part(index)
+            if column not in table.column_names:
+                where = self.folder.url_of(part["part"])
+                raise DedupError(f"{where}: no column {column!r} (embed with --keep-columns {column})")
+            texts = table.column(column).take(pa.array(local)).to_pylist()
+            out.update((int(r), len(t or "")) for r, t in zip(local + offsets[index], texts, strict=True))
+        return out
 
     def rows_of(self, rows, column: str) -> dict:
         """The given global rows' values of one column (embeddings as float32), streaming part by part."""
