@@ -11,11 +11,11 @@ stage committed, and not all. Victims are found in the cluster's GCS actor table
 pid; ``ray.util.state.list_actors`` would need the dashboard, which these clusters do not run) and checked
 against the process title on this machine before ``os.kill``.
 
-- dedup, exact mode: one pairs part per source part (12 steps, each on both index actors); one actor is
-  killed once a pairs part is committed.
-- dedup, partitioned mode: one pairs part per owner (2). Once the first is visible (its receipt held), both
-  index actors are killed: which one still owes its part cannot be told from outside, and the missing
-  owner's pairs must be redone on a replacement.
+- dedup, exact mode: one committed part per source part (12 steps, each on both index actors); one actor
+  is killed once a step is committed.
+- dedup, partitioned mode: one committed part per owner (2). Once the first is visible (its receipt held),
+  both index actors are killed: which one still owes its part cannot be told from outside, and the
+  missing owner's pairs must be redone on a replacement.
 - mine, one run: an encoder actor is killed inside an encode task (stopped with SIGSTOP, its title checked
   again, then SIGKILLed), then an index actor once an output part is committed (part PUTs held).
 
@@ -57,6 +57,9 @@ PAIRS, ANCHORS_PER_BLOCK, TEXTS_PER_TASK = 120, 12, 6  # 10 output parts; 20 + 1
 MINE_PARTS = -(-PAIRS // ANCHORS_PER_BLOCK)
 PART_PUT_DELAY_S = 0.05  # each PUT of a part (its temporary upload and its copy into place)
 RECEIPT_PUT_DELAY_S = 0.5  # partitioned mode: holds the driver between the two owners' parts
+# Where dedup commits one part per pairs step (query part, or cluster owner): pairs/, or _search/ when
+# pairs/ holds only the final spanning forest.
+STEP_DIRS = ("pairs/", "_search/")
 WORDS = str.split(
     "index actor encoder shard worker node cluster query positive negative anchor corpus pairs kept "
     "duplicate near exact score cosine vector slice owner part receipt manifest commit retry replace lost"
@@ -328,45 +331,49 @@ def test_dedup_survives_a_lost_index_actor(
     clean_seconds = round(time.monotonic() - started, 1)
     assert clean["removed"] > 0 and clean["actors_replaced"] == 0
     want = local_files(clean_out)
-    pairs_parts = sorted(n for n in want if n.startswith("pairs/"))
-    assert len(pairs_parts) == (ROWS // ROWS_PER_PART if mode == "exact" else 2)
+    assert any(n.startswith("pairs/") for n in want)
+    steps = ROWS // ROWS_PER_PART if mode == "exact" else 2  # query parts, or owners (one per index actor)
     wait_until_none_alive("IndexShardActor")
     prefix = f"dedup-{mode}"
 
-    def committed_pairs() -> int:
-        return sum(1 for n in bucket.names(prefix) if n.startswith("_parts/pairs/"))
+    def committed_steps() -> int:
+        """Step parts committed (receipt visible): under pairs/, or under _search/ where pairs/ is only the
+        final forest."""
+        return sum(1 for n in bucket.names(prefix) if n.startswith(tuple(f"_parts/{d}" for d in STEP_DIRS)))
 
     def too_late() -> str | None:
-        done = committed_pairs()
-        return f"{done} of {len(pairs_parts)} pairs parts committed" if done >= len(pairs_parts) else None
+        done = committed_steps()
+        return f"{done} of {steps} pairs steps committed" if done >= steps else None
 
     if mode == "exact":
-        # Each pairs part's upload and copy are held: 12 steps last >= 12 * 2 * PART_PUT_DELAY_S seconds.
+        # Each step part's upload and copy are held: 12 steps last >= 12 * 2 * PART_PUT_DELAY_S seconds.
         def held(method: str, path: str, _headers) -> bool:
-            return method == "PUT" and "/pairs/" in path and "/_parts/" not in path
+            return method == "PUT" and any(f"/{d}" in path for d in STEP_DIRS) and "/_parts/" not in path
 
         proxy = {"delay_rate": 1.0, "delay_s": PART_PUT_DELAY_S, "fault_filter": held}
         rng = random.Random(11)
 
         def victims() -> list[int] | None:
             alive = live_pids("IndexShardActor")
-            return [rng.choice(alive)] if len(alive) == 2 and committed_pairs() >= 1 else None
+            return [rng.choice(alive)] if len(alive) == 2 and committed_steps() >= 1 else None
 
-        kill = Kill("an index actor, once a pairs part is committed", victims, too_late)
+        kill = Kill("an index actor, once a pairs step is committed", victims, too_late)
     else:
         # Two owners: once the first owner's part is visible its receipt is still held, so the second owner's
         # pairs are not computed yet. Both actors die; the second owner's work must be redone.
         def held(method: str, path: str, _headers) -> bool:
-            return method == "PUT" and "/_parts/pairs/" in path
+            return method == "PUT" and any(f"/_parts/{d}" in path for d in STEP_DIRS)
 
         proxy = {"delay_rate": 1.0, "delay_s": RECEIPT_PUT_DELAY_S, "fault_filter": held}
 
         def victims() -> list[int] | None:
-            visible = any(n.startswith("pairs/cluster-owner-") for n in bucket.names(prefix))
+            visible = any(
+                n.startswith(STEP_DIRS) and not n.endswith("/pairs.parquet") for n in bucket.names(prefix)
+            )
             alive = live_pids("IndexShardActor")
             return alive if visible and len(alive) == 2 else None
 
-        kill = Kill("both index actors, once the first owner's pairs part is visible", victims, too_late)
+        kill = Kill("both index actors, once the first owner's step part is visible", victims, too_late)
 
     report, run = run_and_kill(
         lambda endpoint: run_dedup(
@@ -381,7 +388,7 @@ def test_dedup_survives_a_lost_index_actor(
         test=f"dedup {mode}, lost index actor",
         kills=[kill.figures()],
         actors_replaced=report["actors_replaced"],
-        pairs_parts=len(pairs_parts),
+        pairs_steps=steps,
         kept_parts=sum(n.startswith("kept/") for n in got),
         rows_in=report["rows_in"],
         rows_out=report["rows_out"],
@@ -391,9 +398,8 @@ def test_dedup_survives_a_lost_index_actor(
     )
     assert report["actors_replaced"] >= len(kill.pids)
     assert "_SUCCESS" in got and any(n.startswith("kept/") for n in got)
-    assert digests(got) == digests(
-        want
-    )  # kept/, pairs/, duplicates.parquet, receipts, manifest: byte for byte
+    # kept/, pairs/, duplicates.parquet, receipts, manifest: byte for byte
+    assert digests(got) == digests(want)
     ignored = ("timings", "actors_replaced", "output")
     assert without(report, *ignored) == without(clean, *ignored)
     assert without(json.loads(got["report.json"]), *ignored) == without(
