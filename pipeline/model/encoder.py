@@ -3,6 +3,18 @@
 Sorting texts by token length and cutting batches by padded tokens (not by count) wastes far fewer
 padded positions than fixed-size batches over unsorted text, which is where most of the speed-up over
 a plain ``SentenceTransformer.encode`` comes from.
+
+Roles: ``encode_query`` / ``encode_document`` (or ``encode(..., role=...)``) choose the prompt, the Router
+route and the per-role max length exactly as sentence-transformers' methods of the same names.
+For a job that tokenizes on one thread and encodes on another::
+
+    settings = encoder.role_settings("query", prompt_name, prompt)   # or config.role(...) on the driver
+    tokens = encoder.tokenize(texts, settings.prompt, role=settings.task)
+    vectors = encoder.encode_tokens(tokens)                           # the role travels with the tokens
+
+Weights dtype: as sentence-transformers, the backbone loads in its checkpoint's dtype and every module
+after it is converted to that dtype; ``dtype=`` overrides. On a GPU a float32 checkpoint runs under
+bfloat16 autocast by default (``dtype="float32"`` turns that off).
 """
 
 from __future__ import annotations
@@ -10,21 +22,39 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.model.config import ModelConfig, ModelConfigError, choose_prompt, load_model_config
+from pipeline.model.config import (
+    ModelConfig,
+    RoleSettings,
+    choose_prompt,
+    load_model_config,
+    resolve_role,
+)
 from pipeline.model.files import fingerprint, local_model_dir
-from pipeline.model.modules import LoadContext, Module, ModuleChain, Transformer
+from pipeline.model.modules import (
+    InputModule,
+    LoadContext,
+    Module,
+    ModuleChain,
+    Router,
+    Tokenized,
+    Transformer,
+)
 from pipeline.model.similarity import similarity
 
 # bench/encode.py on a quiet 2-core machine: 4,096 beat 8,192 at 1 and 2 threads
 DEFAULT_CPU_BATCH_TOKENS = 4096
 DEFAULT_GPU_BATCH_TOKENS = 65536
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+__all__ = ["Encoder", "EncodeCounters", "RoleSettings", "Tokenized", "load_encoder", "plan_batches"]
 
 
 @dataclass
@@ -39,16 +69,6 @@ class EncodeCounters:
     @property
     def padding_ratio(self) -> float:
         return 0.0 if not self.padded_tokens else 1.0 - self.tokens / self.padded_tokens
-
-
-@dataclass
-class Tokenized:
-    """Token ids of the texts (prompt included), in input order."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    prompt_length: int = 0
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_padding: float = 0.15) -> list[np.ndarray]:
@@ -88,30 +108,35 @@ class Encoder:
         name: str | None = None,
         dtype: str = "auto",
     ) -> None:
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
         self.config = config
         self.name = name or config.root.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.autocast_dtype = resolve_autocast(self.device, dtype)
-        if not any(spec.module_class.creates_sentence_embedding for spec in config.modules):
-            raise ModelConfigError(
-                f"{config.root / 'modules.json'}: no Pooling module, so no sentence embedding"
-            )
-        context = LoadContext(allow_pickle=allow_pickle)
-        self.chain = ModuleChain(spec.load(context) for spec in config.modules).to(self.device).eval()
-        self.transformer: Transformer = self.chain[0]  # type: ignore[assignment]  # the input module
-        self.tokenizer = self.transformer.tokenizer
-        self.max_seq_length = self.transformer.max_seq_length
+        context = LoadContext(allow_pickle=allow_pickle, dtype=DTYPES.get(dtype))
+        self.chain = ModuleChain(spec.load(context) for spec in config.modules)
+        self.weights_dtype = convert_after_backbone(self.chain, DTYPES.get(dtype))
+        self.chain = self.chain.to(self.device).eval()
+        self.autocast_dtype = resolve_autocast(self.device, dtype, self.weights_dtype)
+        self.input_module: InputModule = self.chain[0]  # type: ignore[assignment]  # read_modules checked it
+        self.transformer: Transformer | None = next(
+            (m for m in self.chain.modules() if isinstance(m, Transformer)), None
+        )
+        self.tokenizer = self.input_module.tokenizer
+        self.max_seq_length = self.input_module.max_seq_length
         self.full_dim = self.chain.output_dim()
-        if truncate_dim is not None and not 0 < truncate_dim <= self.full_dim:
+        if truncate_dim is not None and not 0 < truncate_dim <= (self.full_dim or 0):
             raise ValueError(f"truncate_dim must be between 1 and {self.full_dim}, got {truncate_dim}")
-        self.truncate_dim = truncate_dim
-        self.dim = truncate_dim or self.full_dim
+        # An explicit truncate_dim wins over config_sentence_transformers.json's, as in sentence-transformers,
+        # which slices to at most the full size.
+        effective = truncate_dim if truncate_dim is not None else config.truncate_dim
+        self.truncate_dim = min(effective, self.full_dim) if effective and self.full_dim else effective
+        self.dim = self.truncate_dim or self.full_dim
         self.similarity_fn_name = config.similarity_fn_name
         self.prompts = dict(config.prompts)
         self.default_prompt_name = config.default_prompt_name
         self.fingerprint = fingerprint(config.root, {"truncate_dim": truncate_dim})
         self.counters = EncodeCounters()
-        self._prompt_lengths: dict[str, int] = {}
 
     # -- description ---------------------------------------------------------------------------
 
@@ -126,7 +151,9 @@ class Encoder:
 
     def describe(self) -> dict:
         """What the encoder will do, for `embedpipe inspect` and dataset metadata."""
-        return {
+        transformer = self.config.transformer
+        router = self.config.router
+        description = {
             "name": self.name,
             "path": str(self.config.root),
             "modules": [type(m).__name__ for m in self.chain],
@@ -137,69 +164,74 @@ class Encoder:
             "dim": self.dim,
             "truncate_dim": self.truncate_dim,
             "max_seq_length": self.max_seq_length,
-            "do_lower_case": self.config.transformer.do_lower_case,
+            "do_lower_case": transformer.do_lower_case if transformer else False,
             "prompts": self.prompts,
             "default_prompt_name": self.default_prompt_name,
+            "roles": {role: self.describe_role(role) for role in ("query", "document")},
+            "dtype": dtype_name(self.weights_dtype),
+            "compute_dtype": self.compute_dtype,
             "similarity_fn_name": self.similarity_fn_name,
             "fingerprint": self.fingerprint,
         }
+        if self.config.fallback:
+            description["fallback"] = self.config.fallback
+        if router is not None:
+            description["default_route"] = router.default_route
+        return description
+
+    def describe_role(self, role: str) -> dict[str, Any] | str:
+        """The prompt (and route) encode_query / encode_document use, or why the role cannot be encoded."""
+        try:
+            settings = self.role_settings(role)
+        except ValueError as exc:
+            return f"refused: {exc}"
+        found: dict[str, Any] = {"prompt": settings.prompt}
+        if settings.route is not None:
+            found["route"] = settings.route
+        return found
+
+    @property
+    def compute_dtype(self) -> str:
+        if self.autocast_dtype is not None:
+            return f"{dtype_name(self.autocast_dtype)} autocast ({dtype_name(self.weights_dtype)} weights)"
+        return dtype_name(self.weights_dtype)
 
     def module_settings(self, module: Module) -> dict:
         """One module's type, folder (relative to the model directory) and own settings."""
         folder = os.path.relpath(module.config.path.resolve(), Path(self.config.root).resolve())
-        return {"type": type(module).__name__, "path": Path(folder).as_posix(), **module.describe()}
+        settings = {"type": type(module).__name__, "path": Path(folder).as_posix(), **module.describe()}
+        if (param := next(module.parameters(), None)) is not None and not isinstance(module, Router):
+            settings["dtype"] = dtype_name(param.dtype)
+        return settings
 
-    # -- prompts and tokens --------------------------------------------------------------------
+    # -- roles, prompts and tokens -------------------------------------------------------------
 
-    def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
-        """An explicit prompt wins, then a prompt name, then the model's default prompt."""
-        return choose_prompt(self.config, prompt_name, prompt)
+    def role_settings(
+        self, role: str | None = None, prompt_name: str | None = None, prompt: str | None = None
+    ) -> RoleSettings:
+        """The prompt, task and Router route for texts of ``role`` ("query", "document" or None), exactly as
+        sentence-transformers' encode_query / encode_document / encode choose them. Pure: loads nothing."""
+        return resolve_role(self.config, role, prompt_name, prompt)
 
-    def prompt_length(self, prompt: str) -> int:
+    def resolve_prompt(
+        self, prompt_name: str | None = None, prompt: str | None = None, role: str | None = None
+    ) -> str:
+        """An explicit prompt wins, then a prompt name, then the role's prompt, then the model's default."""
+        return choose_prompt(self.config, prompt_name, prompt, role)
+
+    def prompt_length(self, prompt: str, role: str | None = None) -> int:
         """Tokens the prompt occupies at the start of each text, excluding a trailing special token."""
-        if not prompt:
-            return 0
-        if prompt not in self._prompt_lengths:
-            ids = self.tokenizer([prompt], truncation=True, max_length=self.max_seq_length)["input_ids"][0]
-            length = len(ids)
-            if ids and ids[-1] in set(self.tokenizer.all_special_ids):
-                length -= 1
-            self._prompt_lengths[prompt] = length
-        return self._prompt_lengths[prompt]
+        return self.input_module.prompt_length(prompt, role)
 
-    def tokenize(self, texts: Sequence[str], prompt: str = "") -> Tokenized:
-        texts = [prompt + t for t in texts] if prompt else list(texts)
-        if not texts:  # the tokenizer fails on an empty batch
-            return Tokenized(input_ids=[], token_type_ids=None, prompt_length=self.prompt_length(prompt))
-        encoded = self.tokenizer(
-            texts, truncation="longest_first", max_length=self.max_seq_length, padding=False
-        )
-        ids = encoded["input_ids"]
-        return Tokenized(
-            input_ids=ids,
-            token_type_ids=encoded.get("token_type_ids"),
-            prompt_length=self.prompt_length(prompt),
-            lengths=np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)),
-        )
+    def tokenize(self, texts: Sequence[str], prompt: str = "", role: str | None = None) -> Tokenized:
+        """Token ids of ``prompt + text`` for texts of ``role`` (its route and max length), unpadded."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a sequence of texts, not a single string")
+        return self.input_module.tokenize(texts, prompt or "", role)
 
     def pad(self, tokens: Tokenized, indices: np.ndarray) -> dict[str, Tensor]:
-        """Pad one batch on the tokenizer's padding side."""
-        width = int(tokens.lengths[indices].max()) if len(indices) else 0
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long) if tokens.token_type_ids else None
-        left = self.tokenizer.padding_side == "left"
-        for row, index in enumerate(indices):
-            ids = tokens.input_ids[index]
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention[row, span] = 1
-            if types is not None:
-                types[row, span] = torch.tensor(tokens.token_type_ids[index], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention}
-        if types is not None:
-            batch["token_type_ids"] = types
+        """One batch of model inputs for the texts at ``indices``, on the device."""
+        batch = self.input_module.collate(tokens, indices)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- encoding ------------------------------------------------------------------------------
@@ -216,12 +248,37 @@ class Encoder:
         prompt_name: str | None = None,
         prompt: str | None = None,
         max_batch_tokens: int | None = None,
+        *,
+        role: str | None = None,
     ) -> np.ndarray:
-        """Embeddings as float32, shape (len(texts), dim), in input order."""
+        """Embeddings as float32, shape (len(texts), dim), in input order (``role``: see encode_query)."""
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of texts, not a single string")
-        tokens = self.tokenize(texts, self.resolve_prompt(prompt_name, prompt))
+        settings = self.role_settings(role, prompt_name, prompt)
+        tokens = self.tokenize(texts, settings.prompt, role=settings.task)
         return self.encode_tokens(tokens, max_batch_tokens)
+
+    def encode_query(
+        self,
+        texts: Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> np.ndarray:
+        """As SentenceTransformer.encode_query: the "query" prompt unless one is given, the "query" route
+        of a Router, the Transformer's query_length."""
+        return self.encode(texts, prompt_name, prompt, max_batch_tokens, role="query")
+
+    def encode_document(
+        self,
+        texts: Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> np.ndarray:
+        """As SentenceTransformer.encode_document: the first of the "document", "passage" and "corpus"
+        prompts unless one is given, the "document" route of a Router, the Transformer's document_length."""
+        return self.encode(texts, prompt_name, prompt, max_batch_tokens, role="document")
 
     def encode_tokens(self, tokens: Tokenized, max_batch_tokens: int | None = None) -> np.ndarray:
         out = np.empty((len(tokens.input_ids), self.dim), dtype=np.float32)
@@ -236,8 +293,8 @@ class Encoder:
         budget = max_batch_tokens or self.default_batch_tokens()
         for indices in plan_batches(tokens.lengths, budget):
             batch = self.pad(tokens, indices)
-            vectors = self.forward(batch, tokens.prompt_length)
-            width = batch["input_ids"].shape[1]
+            vectors = self.forward(batch, tokens.prompt_length, task=tokens.task)
+            width = int(tokens.lengths[indices].max()) if len(indices) else 0
             self.counters.texts += len(indices)
             self.counters.tokens += int(tokens.lengths[indices].sum())
             self.counters.padded_tokens += width * len(indices)
@@ -245,16 +302,16 @@ class Encoder:
             yield indices, vectors
 
     def forward(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> np.ndarray:
-        """One padded batch through the modules; ``module_kwargs`` (a route) reach the modules that take them."""
+        """One batch through the modules; ``module_kwargs`` (the role's ``task``) reach the modules that take them."""
         features: dict = dict(batch)
         if prompt_length:
             features["prompt_length"] = prompt_length
         with torch.inference_mode(), self.autocast():
             features = self.chain(features, **module_kwargs)
-        vectors = features["sentence_embedding"].float()
+        vectors = features["sentence_embedding"]
         if self.truncate_dim:
             vectors = vectors[:, : self.truncate_dim]
-        return vectors.cpu().numpy()
+        return vectors.float().cpu().numpy()
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -266,15 +323,35 @@ class Encoder:
         return similarity(a, b, self.similarity_fn_name)
 
 
-def resolve_autocast(device: torch.device, dtype: str) -> torch.dtype | None:
-    """fp16/bf16 autocast only on GPU; float32 on CPU (bf16 on CPU is several times slower)."""
-    if device.type != "cuda" or dtype == "float32":
+def convert_after_backbone(chain: ModuleChain, dtype: torch.dtype | None) -> torch.dtype:
+    """As sentence-transformers: every module after the first takes the first module's weights dtype (a float16
+    checkpoint runs its Dense in float16); with ``dtype`` every module is converted to it. Inside a Router each
+    route's modules take their input module's dtype. Returns the backbone's dtype."""
+    if dtype is not None:
+        chain.to(dtype)
+        return dtype
+    first = next(chain[0].parameters(), None)
+    backbone = first.dtype if first is not None else torch.float32
+    for module in list(chain)[1:]:
+        module.to(backbone)
+    if isinstance(chain[0], Router):
+        for route in chain[0].routes.values():
+            head = next(route[0].parameters(), None)
+            for module in list(route)[1:]:
+                module.to(head.dtype if head is not None else backbone)
+    return backbone
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "none"
+
+
+def resolve_autocast(device: torch.device, dtype: str, weights: torch.dtype) -> torch.dtype | None:
+    """bf16 (fp16 where bf16 is unsupported) autocast for float32 weights on a GPU under dtype="auto";
+    otherwise the weights' own dtype (on CPU, bf16 autocast is several times slower)."""
+    if device.type != "cuda" or dtype != "auto" or weights != torch.float32:
         return None
-    if dtype == "float16":
-        return torch.float16
-    if dtype in ("auto", "bfloat16"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def load_encoder(
@@ -286,7 +363,11 @@ def load_encoder(
     storage_options: dict | None = None,
     dtype: str = "auto",
 ) -> Encoder:
-    """Load a sentence-transformers model directory (local path or fsspec URL) as an Encoder."""
+    """Load a sentence-transformers model directory (local path or fsspec URL) as an Encoder.
+
+    ``dtype``: "auto" runs the weights in their checkpoint dtype as sentence-transformers does (plus bf16
+    autocast for float32 weights on a GPU); "float32" / "float16" / "bfloat16" load every module in that dtype.
+    """
     root = local_model_dir(path_or_url, storage_options)
     config = load_model_config(root)
     name = Path(os.fspath(path_or_url).rstrip("/")).name or root.name

@@ -7,17 +7,23 @@ from typing import TYPE_CHECKING
 
 from pipeline.model.modules.base import (
     Features,
+    InputModule,
     LoadContext,
     Module,
     ModuleChain,
     ModuleConfig,
+    ModuleSpec,
+    Tokenized,
     check_no_remote_code,
     check_weights,
 )
 from pipeline.model.modules.dense import Dense, DenseConfig
-from pipeline.model.modules.normalize import Normalize
+from pipeline.model.modules.layer_norm import LayerNorm, LayerNormConfig
+from pipeline.model.modules.normalize import Normalize, NormalizeConfig
 from pipeline.model.modules.pooling import Pooling, PoolingConfig
 from pipeline.model.modules.registry import MODULE_CLASSES, MODULE_TYPES, module_class
+from pipeline.model.modules.router import Router, RouterConfig
+from pipeline.model.modules.static_embedding import StaticEmbedding, StaticEmbeddingConfig
 from pipeline.model.modules.transformer import Transformer, TransformerConfig
 
 if TYPE_CHECKING:
@@ -41,13 +47,23 @@ __all__ = [
     "Dense",
     "DenseConfig",
     "Features",
+    "InputModule",
+    "LayerNorm",
+    "LayerNormConfig",
     "LoadContext",
     "Module",
     "ModuleChain",
     "ModuleConfig",
+    "ModuleSpec",
     "Normalize",
+    "NormalizeConfig",
     "Pooling",
     "PoolingConfig",
+    "Router",
+    "RouterConfig",
+    "StaticEmbedding",
+    "StaticEmbeddingConfig",
+    "Tokenized",
     "Transformer",
     "TransformerConfig",
     "check_model",

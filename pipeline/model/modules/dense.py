@@ -1,10 +1,12 @@
-"""Dense: a linear layer and a torch.nn activation applied to the sentence embedding.
+"""Dense: a linear layer and a torch.nn activation applied to one feature (the sentence embedding by default).
 
 Config: ``config.json`` with ``in_features``, ``out_features``, ``bias``, ``activation_function`` (a
-``torch.nn`` class path; Tanh when absent, as in sentence-transformers) and ``use_residual`` (add the
-input, projected when the sizes differ). Weights: ``model.safetensors`` (pickle only on request).
-Only ``torch.nn`` module classes are accepted as activations, by name: no code is imported from the
-model's files.
+``torch.nn`` class path; Tanh when absent, as in sentence-transformers), ``use_residual`` (add the
+input, projected when the sizes differ) and, from sentence-transformers 6, ``module_input_name`` /
+``module_output_name`` (the feature it reads and writes, e.g. ``token_embeddings`` before Pooling; the
+output defaults to the input). Other keys are ignored, as sentence-transformers ignores them.
+Weights: ``model.safetensors`` (pickle only on request). Only ``torch.nn`` module classes are accepted
+as activations, by name: no code is imported from the model's files.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from typing import Any, ClassVar
 from torch import nn
 
 from pipeline.model.files import ModelConfigError
-from pipeline.model.modules.base import Features, LoadContext, Module, ModuleConfig, check_weights, int_key
+from pipeline.model.modules.base import (
+    Features,
+    LoadContext,
+    Module,
+    ModuleConfig,
+    check_weights,
+    int_key,
+    require,
+    str_key,
+)
 
 DEFAULT_ACTIVATION = "torch.nn.modules.activation.Tanh"
 
@@ -28,6 +39,8 @@ class DenseConfig(ModuleConfig):
     bias: bool = True
     activation: str = "Tanh"  # a torch.nn class name, e.g. "Tanh" or "Identity"
     use_residual: bool = False  # add the input (projected when in != out) to the output
+    module_input_name: str = "sentence_embedding"  # the feature it reads
+    module_output_name: str = "sentence_embedding"  # the feature it writes
 
 
 class Dense(Module):
@@ -57,6 +70,7 @@ class Dense(Module):
         for key in ("in_features", "out_features"):
             if key not in config:
                 raise ModelConfigError(f"{where}: missing key {key!r}")
+        input_name = str_key(config, "module_input_name", where) or "sentence_embedding"
         return DenseConfig(
             path=folder,
             in_features=int_key(config, "in_features", where),
@@ -64,7 +78,15 @@ class Dense(Module):
             bias=bool(config.get("bias", True)),
             activation=class_name,
             use_residual=bool(config.get("use_residual", False)),
+            module_input_name=input_name,
+            module_output_name=str_key(config, "module_output_name", where) or input_name,
         )
+
+    @classmethod
+    def flow(cls, config: ModuleConfig, available: frozenset[str], where: str) -> frozenset[str]:
+        assert isinstance(config, DenseConfig)
+        require(config.module_input_name, available, where, "Dense")
+        return available | {config.module_output_name}
 
     @classmethod
     def check_files(cls, config: ModuleConfig, context: LoadContext) -> None:
@@ -81,6 +103,8 @@ class Dense(Module):
         self.load_weights(config.path, context.allow_pickle)
 
     def output_dim(self, input_dim: int | None) -> int | None:
+        if self.config.module_output_name != "sentence_embedding":
+            return input_dim  # a token-level Dense: the Pooling after it sets the size
         return self.config.out_features
 
     def describe(self) -> dict[str, Any]:
@@ -91,14 +115,16 @@ class Dense(Module):
             "bias": config.bias,
             "activation_function": f"torch.nn.{config.activation}",
             "use_residual": config.use_residual,
+            "module_input_name": config.module_input_name,
+            "module_output_name": config.module_output_name,
         }
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
-        x = features["sentence_embedding"]
+        x = features[self.config.module_input_name]
         out = self.activation(self.linear(x))
         if self.use_residual:
             out = out + (self.residual(x) if hasattr(self, "residual") else x)
-        features["sentence_embedding"] = out
+        features[self.config.module_output_name] = out
         return features
 
 

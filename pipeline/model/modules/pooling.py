@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.model.files import ModelConfigError
-from pipeline.model.modules.base import Features, LoadContext, Module, ModuleConfig
+from pipeline.model.modules.base import Features, LoadContext, Module, ModuleConfig, require
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
@@ -47,7 +47,6 @@ class Pooling(Module):
         "sentence_transformers.sentence_transformer.modules.Pooling",  # the import path of >= 5.4
     )
     config_key_renames: ClassVar[dict[str, str]] = {"word_embedding_dimension": "embedding_dimension"}
-    creates_sentence_embedding: ClassVar[bool] = True
 
     config: PoolingConfig
 
@@ -76,6 +75,11 @@ class Pooling(Module):
                 )
         return PoolingConfig(folder, dim, modes, bool(config.get("include_prompt", True)))
 
+    @classmethod
+    def flow(cls, config: ModuleConfig, available: frozenset[str], where: str) -> frozenset[str]:
+        require("token_embeddings", available, where, "Pooling")
+        return available | {"sentence_embedding"}
+
     def __init__(self, config: PoolingConfig, context: LoadContext | None = None) -> None:
         super().__init__(config, context)
         self.modes = config.modes
@@ -93,7 +97,9 @@ class Pooling(Module):
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
         tokens = features["token_embeddings"]
-        mask = features["attention_mask"]
+        mask = features.get("attention_mask")
+        if mask is None or mask.size(-1) != tokens.size(1):  # as sentence-transformers: every position counts
+            mask = torch.ones(tokens.shape[:-1], device=tokens.device, dtype=torch.int64)
         pooling_mask = mask
         prompt_length = int(features.get("prompt_length", 0))
         if not self.include_prompt and prompt_length:

@@ -12,16 +12,41 @@ from pathlib import Path
 from pipeline.model.files import ModelConfigError
 from pipeline.model.modules.base import Module
 from pipeline.model.modules.dense import Dense
+from pipeline.model.modules.layer_norm import LayerNorm
 from pipeline.model.modules.normalize import Normalize
 from pipeline.model.modules.pooling import Pooling
+from pipeline.model.modules.router import Router
+from pipeline.model.modules.static_embedding import StaticEmbedding
 from pipeline.model.modules.transformer import Transformer
 
 MODULE_CLASSES: tuple[type[Module], ...] = (
     Transformer,
+    StaticEmbedding,
+    Router,
     Pooling,
     Dense,
+    LayerNorm,
     Normalize,
 )
+
+# Module types sentence-transformers has that embedpipe refuses, and why (named in the error).
+REFUSED_TYPES: dict[str, str] = {
+    "WordEmbeddings": "word-vector models (GloVe-style) are not supported",
+    "WordWeights": "word-vector models (GloVe-style) are not supported",
+    "BoW": "bag-of-words models are not supported",
+    "CNN": "CNN models over word embeddings are not supported",
+    "LSTM": "LSTM models over word embeddings are not supported",
+    "WeightedLayerPooling": "pooling over all layers is not supported",
+    "Dropout": "Dropout is not supported",
+    "CLIPModel": "image models are not supported",
+    "SparseAutoEncoder": "sparse encoders are not supported (dense embeddings only)",
+    "SpladePooling": "sparse encoders are not supported (dense embeddings only)",
+    "MLMTransformer": "sparse encoders are not supported (dense embeddings only)",
+    "SparseStaticEmbedding": "sparse encoders are not supported (dense embeddings only)",
+    "LogitScore": "cross-encoders are not supported",
+    "TokenPooling": "multi-vector models are not supported",
+    "MultiVectorMask": "multi-vector models are not supported",
+}
 
 
 def build_registry(classes: tuple[type[Module], ...]) -> dict[str, type[Module]]:
@@ -44,8 +69,11 @@ def module_class(type_name: object, where: Path) -> type[Module]:
     found = MODULE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if found is None:
         known = ", ".join(cls.__name__ for cls in MODULE_CLASSES)
+        short = type_name.rsplit(".", 1)[-1] if isinstance(type_name, str) else ""
+        why = REFUSED_TYPES.get(short) if str(type_name).startswith("sentence_transformers.") else None
+        reason = f"{why} by embedpipe" if why else "custom module code is never imported"
         raise ModelConfigError(
-            f"{where}: unknown module type {type_name!r}; supported: {known} "
+            f"{where}: unknown module type {type_name!r} ({reason}); supported: {known} "
             f"(as sentence-transformers names them, e.g. {Pooling.type_names[0]!r})"
         )
     return found
