@@ -443,7 +443,7 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
     def encoder_in_a_task() -> list[int] | None:
         """An encoder actor caught inside an encode task: stopped, its title checked again, then handed to
         the SIGKILL, so the task it runs never finishes. One caught idle goes on (SIGCONT). Probes the two
-        actors' titles for up to 50 ms at a time (cheap), the GCS table only until both are known."""
+        actors' titles every 2 ms for up to 50 ms at a time (cheap), the GCS table only until both are known."""
         if len(encoders) < 2:
             encoders[:] = live_pids("EncoderActor")
         until = time.monotonic() + 0.05
@@ -454,7 +454,7 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
                     if title_of(pid).startswith("ray::EncoderActor.encode"):
                         return [pid]
                     os.kill(pid, signal.SIGCONT)
-            time.sleep(0.0005)
+            time.sleep(0.002)
         return None
 
     def encoding_over() -> str | None:

@@ -376,7 +376,7 @@ def reembed(model, store: Store, source: str, output: str, options: list[str]) -
                 "model": str(model),
                 "input": [store.url(source)],
                 "output": store.url(output),
-                "rows_per_shard": 20,
+                "rows_per_shard": 50,
                 "workers": 1,
                 "progress": False,
                 "storage_option": options,
