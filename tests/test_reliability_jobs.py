@@ -16,8 +16,9 @@ against the process title on this machine before ``os.kill``.
 - dedup, partitioned mode: one committed part per owner (2). Once the first is visible (its receipt held),
   both index actors are killed: which one still owes its part cannot be told from outside, and the
   missing owner's pairs must be redone on a replacement.
-- mine, one run: an encoder actor is killed inside an encode task (stopped with SIGSTOP, its title checked
-  again, then SIGKILLed), then an index actor once an output part is committed (part PUTs held).
+- mine, one run: an encoder actor is killed inside an encoding call (stopped with SIGSTOP, its process
+  title checked again, then SIGKILLed), then an index actor once an output part is committed (part PUTs
+  held).
 
 ``FIGURES {...}`` lines (with ``pytest -s``) give the numbers quoted in RELIABILITY.md.
 """
@@ -232,6 +233,18 @@ def live_pids(class_name: str) -> list[int]:
     return sorted(pids)
 
 
+NOT_WORK = ("__init__", "__ray_ready__", "__ray_terminate__", "describe")
+
+
+def in_a_task(title: str, class_name: str) -> bool:
+    """Whether an actor's process title says it is running a work method (``ray::EncoderActor.encode``,
+    ``.encode_counted``, ``.run``, ...): Ray sets ``ray::Class.method`` for the time of each call and
+    ``ray::Class`` between calls."""
+    if not title.startswith(f"ray::{class_name}."):
+        return False
+    return title[len(f"ray::{class_name}.") :].split(" ", 1)[0] not in NOT_WORK
+
+
 def wait_until_none_alive(class_name: str, seconds: float = 60) -> None:
     """The previous run's actors leave the table a moment after it: a victim must be one of this run's."""
     deadline = time.monotonic() + seconds
@@ -441,7 +454,7 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
     encoders: list[int] = []
 
     def encoder_in_a_task() -> list[int] | None:
-        """An encoder actor caught inside an encode task: stopped, its title checked again, then handed to
+        """An encoder actor caught inside an encoding call: stopped, its title checked again, then handed to
         the SIGKILL, so the task it runs never finishes. One caught idle goes on (SIGCONT). Probes the two
         actors' titles every 2 ms for up to 50 ms at a time (cheap), the GCS table only until both are known."""
         if len(encoders) < 2:
@@ -449,9 +462,9 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
         until = time.monotonic() + 0.05
         while encoders and time.monotonic() < until:
             for pid in encoders:
-                if title_of(pid).startswith("ray::EncoderActor.encode"):
+                if in_a_task(title_of(pid), "EncoderActor"):
                     os.kill(pid, signal.SIGSTOP)
-                    if title_of(pid).startswith("ray::EncoderActor.encode"):
+                    if in_a_task(title_of(pid), "EncoderActor"):
                         return [pid]
                     os.kill(pid, signal.SIGCONT)
             time.sleep(0.002)
@@ -478,7 +491,7 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
         return method == "PUT" and "part-" in name and name.endswith(".parquet") and "/_parts/" not in path
 
     kills = [
-        Kill("an encoder actor inside an encode task", encoder_in_a_task, encoding_over, poll_s=0.001),
+        Kill("an encoder actor inside an encoding call", encoder_in_a_task, encoding_over, poll_s=0.001),
         Kill("an index actor, once a part is committed", index_actor, search_over),
     ]
     report, run = run_and_kill(
