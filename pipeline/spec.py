@@ -199,6 +199,8 @@ class DedupSpec(RuntimeOptions):
     target_rows: int | None = opt(None, "keep at most N rows: the highest threshold that gets there is used")
     target_fraction: float | None = opt(None, "keep at most this fraction of the rows (0-1), as --target-rows")
     model: str | None = opt(None, "embed a raw corpus first with this model")
+    against: list[str] = opt([], "decontaminate: remove input rows that match these reference rows (an embed "
+                                 "output, or a raw corpus with --model); the reference is only read")
     similarity: str | None = opt(
         None, "override the model's similarity function", ("cosine", "dot", "euclidean", "manhattan")
     )

@@ -791,3 +791,66 @@ def test_threshold_curve_and_targets(tmp_path) -> None:
                             ({}, "threshold: required")):
         with pytest.raises(ValueError, match=message):
             spec(input=str(tmp_path / "in"), output=str(tmp_path / "e"), **values)
+
+
+# ---------------------------------------------------------------- decontamination (--against)
+
+
+def contamination_oracle(inputs: np.ndarray, reference: np.ndarray, fn: str, threshold: float) -> tuple:
+    """Per input row its best reference row and score (ties to the lower reference row); rows at or above."""
+    scores = brute_scores(inputs, reference, fn)
+    best = scores.max(axis=1)
+    closest = np.array([int(np.flatnonzero(row == row.max())[0]) for row in scores])
+    return best, closest, np.flatnonzero(best >= threshold)
+
+
+@pytest.mark.parametrize("mode", ["exact", "partitioned"])
+def test_against_removes_exactly_the_rows_matching_a_reference(tmp_path, mode) -> None:
+    """Input rows near-copied into an evaluation set go, each reported with its closest reference id and
+    score; nothing else goes; the reference set is left as it was."""
+    v = clustered_vectors()  # tight clusters: partitioned mode sees every match inside its cluster
+    ids = [f"in{r:03d}" for r in range(len(v))]
+    rng = np.random.default_rng(3)
+    leaked = np.sort(rng.choice(len(v), size=25, replace=False))
+    reference = np.concatenate([unit(v[leaked] + 0.01 * rng.standard_normal((25, DIM))),
+                                unit(rng.standard_normal((40, DIM)))]).astype(np.float32)
+    ref_ids = [f"eval{r:02d}" for r in range(len(reference))]
+    write_dataset(str(tmp_path / "in"), v, ids, parts=(60, 60, 60, 60, 60))
+    write_dataset(str(tmp_path / "eval"), reference, ref_ids, parts=(30, 35))
+    before = {p: p.read_bytes() for p in (tmp_path / "eval").rglob("*") if p.is_file()}
+    threshold = 0.95
+    best, closest, want = contamination_oracle(v, reference, "cosine", threshold)
+    assert np.abs(best - threshold).min() > 4 * sum_error(DIM) and len(want) >= 25  # leaked rows and more
+    out = tmp_path / "out"
+    report = run_dedup(spec(input=str(tmp_path / "in"), against=[str(tmp_path / "eval")], output=str(out),
+                            threshold=threshold, mode=mode, clusters=6, workers=2, pairs_floor=0.9))
+    found = read_file(str(out / "contaminated.parquet"))
+    assert found.column("id").to_pylist() == [ids[r] for r in want]
+    assert found.column("reference_id").to_pylist() == [ref_ids[c] for c in closest[want]]
+    np.testing.assert_allclose(found.column("score").to_numpy(), best[want], atol=2 * sum_error(DIM), rtol=0)
+    kept = read_folder(str(out / "kept"))
+    assert kept.column("id").to_pylist() == [ids[r] for r in range(len(v)) if r not in set(want.tolist())]
+    assert report["removed"] == len(want) and report["rows_out"] == len(v) - len(want)
+    assert report["against"]["removed"] == len(want)
+    assert {p: p.read_bytes() for p in (tmp_path / "eval").rglob("*") if p.is_file()} == before
+    # a stricter threshold from the stored matches, without rescoring
+    stricter = run_dedup(spec(from_pairs=str(out), output=str(tmp_path / "strict"), threshold=0.99))
+    assert stricter["removed"] == int((best >= 0.99).sum())
+
+
+def test_against_raw_corpora_with_a_model(tmp_path, tiny_model_dir) -> None:
+    """Raw text on both sides: the texts of an evaluation set that also sit in the training corpus go."""
+    from pipeline.model import load_encoder
+
+    train = [f"training sentence number {i} about topic {i % 7}" for i in range(60)]
+    evaluation = [train[i] for i in (3, 17, 40)] + [f"held out question {i}" for i in range(10)]
+    pq.write_table(pa.table({"id": [f"t{i}" for i in range(60)], "text": train}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"id": [f"e{i}" for i in range(13)], "text": evaluation}), tmp_path / "eval.parquet")
+    encoder = load_encoder(str(tiny_model_dir))
+    best, closest, want = contamination_oracle(encoder.encode(train), encoder.encode(evaluation), "cosine", 0.999)
+    assert set(want.tolist()) >= {3, 17, 40}
+    report = run_dedup(spec(input=str(tmp_path / "train.parquet"), against=[str(tmp_path / "eval.parquet")],
+                            model=str(tiny_model_dir), output=str(tmp_path / "out"), threshold=0.999))
+    found = read_file(str(tmp_path / "out" / "contaminated.parquet"))
+    assert found.column("id").to_pylist() == [f"t{r}" for r in want]
+    assert report["removed"] == len(want)

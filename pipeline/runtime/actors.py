@@ -202,6 +202,37 @@ class IndexShardActor:
         scores, indices = parts[0] if len(parts) == 1 else merge_topk(parts, k)
         return scores.cpu(), indices.cpu()
 
+    def cluster_topk(self, queries: Any, query_labels: Any, centroids: Any, fn: str, normalize: bool, k: int,
+                     block_size: int) -> tuple:
+        """Each query's k best rows of this slice among the rows in the query's own k-means cluster:
+        (scores, global indices), -inf / -1 where the cluster holds fewer than k of this slice's rows."""
+        import numpy as np
+        import torch
+
+        from pipeline.compute.kmeans import assign
+        from pipeline.compute.knn import topk
+
+        key = (hash(np.asarray(centroids).tobytes()), fn, normalize)
+        if getattr(self, "_labels_key", None) != key:
+            x = self.normalized() if normalize else self.vectors
+            self._labels = assign(x, torch.as_tensor(centroids).to(self.device), fn)[0].cpu().numpy()
+            self._labels_key = key
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32)).to(self.device)
+        query_labels = np.asarray(query_labels)
+        scores = torch.full((len(q), k), float("-inf"))
+        indices = torch.full((len(q), k), -1, dtype=torch.int64)
+        for label in np.unique(query_labels):
+            mine = np.flatnonzero(self._labels == label)
+            if not len(mine):
+                continue
+            asked = torch.as_tensor(np.flatnonzero(query_labels == label))
+            s, i = topk(q[asked], self.vectors[torch.as_tensor(mine)], fn, k, block_size=block_size)
+            i = i.cpu()
+            rows = torch.as_tensor(self.global_rows[mine])
+            scores[asked] = s.cpu()
+            indices[asked] = torch.where(i >= 0, rows[i.clamp(min=0)], torch.full_like(i, -1))
+        return scores, indices
+
     def rows(self, global_indices: Any) -> tuple:
         """(global indices, vectors) of the requested rows that live in this slice."""
         import numpy as np

@@ -12,6 +12,15 @@ from pipeline.io.output import PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, DatasetErr
 from pipeline.io.storage import parse_storage_options
 from pipeline.model.similarity import check_threshold
 from pipeline.spec import DedupSpec
+from pipeline.tasks.dedup.against import (
+    MATCHES_DIR,
+    best_matches,
+    commit_matches,
+    match_weights,
+    read_matches,
+    write_decontaminated,
+)
+from pipeline.tasks.dedup.against import curve as against_curve
 from pipeline.tasks.dedup.collapse import COLLAPSE_DIR, COLLAPSED_FILE, Collapse, collapse
 from pipeline.tasks.dedup.groups import (
     Edges,
@@ -21,7 +30,14 @@ from pipeline.tasks.dedup.groups import (
     threshold_curve,
     threshold_for,
 )
-from pipeline.tasks.dedup.outputs import DUPLICATES_FILE, KEPT_DIR, REPORT_FILE, finish, write_outputs
+from pipeline.tasks.dedup.outputs import (
+    DUPLICATES_FILE,
+    KEPT_DIR,
+    REPORT_FILE,
+    finish,
+    histogram,
+    write_outputs,
+)
 from pipeline.tasks.dedup.pairs import (
     PAIRS_DIR,
     SEARCH_DIR,
@@ -47,6 +63,9 @@ DEDUP_FILES = (
     RECEIPTS_DIR,
     COLLAPSE_DIR,
     SEARCH_DIR,
+    MATCHES_DIR,
+    "contaminated.parquet",
+    "report.html",
     "_manifest.json",
 )
 
@@ -87,6 +106,8 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     if spec.from_pairs:
         return regroup(spec, output, log)
 
+    if spec.against:
+        return decontaminate(spec, output, log, started)
     source = resolve_source(spec, output, log)
     fn = spec.similarity or source.metadata.get("similarity_fn_name", "cosine")
     normalized = bool(source.metadata.get("normalized")) and spec.similarity in (None, fn)
@@ -138,6 +159,83 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     return finish(output, report, source, spec.mode)
 
 
+def decontaminate(spec: DedupSpec, output: OutputFolder, log, started: float) -> dict:
+    """``--against``: every input row scoring at or above the threshold with some reference row goes."""
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.runtime import cluster
+    from pipeline.runtime.actors import index_pool
+
+    source = resolve_source(spec, output, log)
+    reference = resolve_source(spec, output, log, inputs=spec.against, folder="against-embeddings")
+    fn = spec.similarity or source.metadata.get("similarity_fn_name", "cosine")
+    if reference.metadata.get("fingerprint") != source.metadata.get("fingerprint"):
+        raise DedupError(
+            f"{reference.root}: embedded with another model (fingerprint {reference.metadata.get('fingerprint')}) "
+            f"than {source.root} ({source.metadata.get('fingerprint')}); their scores are not comparable"
+        )
+    normalized = bool(source.metadata.get("normalized")) and spec.similarity in (None, fn)
+    if spec.threshold is not None:
+        check_threshold(fn, spec.threshold, normalized)
+    floor = spec.pairs_floor if spec.pairs_floor is not None else spec.threshold
+    check_threshold(fn, floor, normalized)
+    cluster.connect(spec.ray_address)
+    actor_plan = cluster.plan_actors(spec.workers)
+    references = SearchSpace.of(reference, np.arange(reference.rows))
+    workers = max(1, min(actor_plan.workers, len(reference.parts)))
+    material = dict(plan_material(source, fn, floor, spec, workers),
+                    against=[p.get("sha256") for p in reference.parts])
+    plan = {"source": source.root, "against": reference.root, "similarity_fn_name": fn, "pairs_floor": floor,
+            "mode": spec.mode, "raw": source.raw, "against_raw": reference.raw}
+    claim(output, plan_key(material), plan, spec, log)
+    ids = source.ids()
+    identical = collapse(source, fn, output)
+    space = SearchSpace.of(source, identical.reps)
+    loaders = slices(references, workers)
+    num_cpus = actor_plan.num_cpus
+    if not actor_plan.num_gpus:
+        num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
+    extra: dict = {"mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders),
+                   "against": {"references": [reference.root], "reference_rows": reference.rows}}
+    search_started = time.perf_counter()
+    if 0 not in output.committed(MATCHES_DIR):
+        with index_pool(loaders, actor_plan.num_gpus, num_cpus) as pool:
+            with tqdm(total=source.rows, unit="rows", disable=not spec.progress, file=sys.stderr) as bar:
+                extra["partitioned"] = best_matches(pool, space, fn, spec, output, bar, log) or None
+            extra["actors_replaced"] = pool.stats.actors_replaced
+        commit_matches(output, identical.rep_of, floor, ids, reference.ids())
+    extra["timings"] = {"search_seconds": round(time.perf_counter() - search_started, 3)}
+    report = write_against(spec, source, read_matches(output), fn, floor, output, extra)
+    report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    return finish(output, report, source, spec.mode)
+
+
+def write_against(spec: DedupSpec, source: Source, matches, fn: str, floor: float, output: OutputFolder,
+                  extra: dict) -> dict:
+    target = target_rows(source.rows, spec.target_rows, spec.target_fraction)
+    threshold = spec.threshold
+    if target is not None:
+        try:
+            threshold = threshold_for(match_weights(matches), source.rows, target, floor)
+        except ValueError as exc:
+            raise DedupError(str(exc)) from None
+        extra["target"] = {"rows": spec.target_rows, "fraction": spec.target_fraction, "target_rows": target,
+                           "threshold": threshold}
+    receipts, scores = write_decontaminated(source, matches, threshold, output)
+    removed = len(scores)
+    extra["against"]["removed"] = removed
+    report = dict(extra, **{
+        "rows_in": source.rows, "rows_out": source.rows - removed, "removed": removed, "groups": 0,
+        "threshold": threshold, "similarity_fn_name": fn, "pairs_stored": matches.num_rows,
+        "threshold_curve": against_curve(matches, floor),
+        "score_to_kept_histogram": histogram(scores),
+        "pair_score_histogram": histogram(matches.column("score").to_numpy()),
+    })
+    report["parts"] = receipts
+    return report
+
+
 def choose_threshold(spec: DedupSpec, edges: Edges, rows: int, floor: float) -> float:
     """``--threshold`` as given, or the highest threshold that reaches ``--target-rows/--target-fraction``."""
     target = target_rows(rows, spec.target_rows, spec.target_fraction)
@@ -175,6 +273,17 @@ def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
         )
     fn = plan["similarity_fn_name"]
     source = load_source(OutputFolder(plan["source"], output.storage_options), raw=bool(plan.get("raw")))
+    if plan.get("against"):
+        matches = read_matches(earlier)
+        output.mark_incomplete()
+        if output.url != earlier.url:
+            for folder in (MATCHES_DIR, COLLAPSE_DIR):
+                for receipt in earlier.committed(folder).values():
+                    output.commit_part(receipt.part, receipt.shard_id, earlier.read_part(receipt))
+            output.write_json(PLAN_FILE, plan)
+        extra = {"mode": plan["mode"], "pairs_floor": floor, "source": source.root, "from_pairs": earlier.url,
+                 "against": {"references": [plan["against"]]}}
+        return finish(output, write_against(spec, source, matches, fn, floor, output, extra), source, plan["mode"])
     identical = earlier.committed(COLLAPSE_DIR)
     if 0 not in identical:
         raise DatasetError(f"{earlier.url}: no {COLLAPSED_FILE}; it was made by an older embedpipe: run dedup again")

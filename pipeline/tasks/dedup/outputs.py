@@ -15,11 +15,15 @@ from pipeline.spec import DedupSpec
 from pipeline.tasks.dedup.collapse import COLLAPSE_DIR
 from pipeline.tasks.dedup.groups import Edges, choose_kept, group
 from pipeline.tasks.dedup.pairs import PAIRS_DIR
+from pipeline.tasks.dedup.report_html import render_report
 from pipeline.tasks.dedup.source import Source
 
 KEPT_DIR = "kept"
 DUPLICATES_FILE = "duplicates.parquet"
 REPORT_FILE = "report.json"
+HTML_REPORT_FILE = "report.html"
+SAMPLE_GROUPS = 5  # largest and random groups shown in report.html
+SAMPLE_ROWS = 20  # members shown per group
 
 
 def histogram(values: np.ndarray, bins: int = 10) -> dict:
@@ -100,7 +104,41 @@ def write_outputs(
     )
     report.setdefault("timings", {})["grouping_seconds"] = round(time.perf_counter() - started, 3)
     report["parts"] = receipts  # finish() lists them in the manifest; popped before report.json is written
+    report["sample_groups"] = sample_groups(source, groups.sizes, members, kept, rep_of, vectors, fn, spec.seed)
     return report
+
+
+def sample_groups(source: Source, sizes, members: dict, kept: dict, rep_of, vectors: dict, fn: str, seed: int,
+                  count: int = SAMPLE_GROUPS, rows_each: int = SAMPLE_ROWS) -> list[dict]:
+    """The largest groups and some random ones, with their texts (kept row first), for report.html."""
+    labels = sorted(kept, key=lambda label: (-int(sizes[label]), label))
+    largest = labels[:count]
+    rest = labels[count:]
+    rng = np.random.default_rng(seed)
+    random = sorted(rng.choice(rest, size=min(count, len(rest)), replace=False).tolist()) if rest else []
+    picked = [(label, "largest") for label in largest] + [(int(label), "random") for label in random]
+    shown = {label: [kept[label], *[r for r in members[label] if r != kept[label]][: rows_each - 1]]
+             for label, _ in picked}
+    column = source.metadata.get("text_column")
+    wanted = [r for rows in shown.values() for r in rows]
+    texts = source.rows_of(wanted, column) if column and wanted and has_column(source, column) else {}
+    ids = source.rows_of(wanted, "id") if wanted else {}
+    number = {label: n for n, label in enumerate(sorted(kept))}
+    out = []
+    for label, kind in picked:
+        rows = shown[label]
+        anchor = vectors[int(rep_of[rows[0]])][None]
+        scores = [float(similarity(vectors[int(rep_of[r])][None], anchor, fn)[0, 0]) for r in rows[1:]]
+        out.append({
+            "group_id": number[label], "size": int(sizes[label]), "kind": kind,
+            "members": [{"id": ids.get(r), "text": texts.get(r), "score": None if k == 0 else float(scores[k - 1]),
+                         "kept": k == 0} for k, r in enumerate(rows)],
+        })
+    return out
+
+
+def has_column(source: Source, column: str) -> bool:
+    return column in source.folder.read_schema(source.parts[0]["part"]).names
 
 
 def scores_to_kept(removed: np.ndarray, labels: np.ndarray, kept: dict, rep_of: np.ndarray, vectors: dict,
@@ -134,7 +172,9 @@ def write_kept(source: Source, removed: set[int], output: OutputFolder) -> list:
 def finish(output: OutputFolder, report: dict, source: Source, mode: str) -> dict:
     """report.json, then the manifest (duplicates, kept parts and the pairs, checked) and ``_SUCCESS``."""
     parts = report.pop("parts")
+    groups = report.pop("sample_groups", [])
     output.write_json(REPORT_FILE, report)
+    output.write_bytes(HTML_REPORT_FILE, render_report(report, groups).encode())
     stored = [*output.committed(PAIRS_DIR).values(), *output.committed(COLLAPSE_DIR).values()]
     output.finish({"job": "dedup", "source": source.root, "mode": mode}, parts=[*parts, *stored])
     return report

@@ -163,11 +163,27 @@ def partitioned_pairs(
     pool, space: SearchSpace, ids: pa.Array, fn: str, floor: float, spec: DedupSpec, output: OutputFolder, log
 ) -> tuple[SpanningForest, dict]:
     """SemDeDup: seeded k-means over the workers, then exact pairs inside each cluster."""
+    centroids, k, iterations = kmeans(pool, space.rows, fn, spec)
+    normalize = fn == "cosine"
+    owners = pool.size
+    log(f"k-means: {k} clusters after {iterations} iteration(s); exact pairs inside each cluster")
+    done = output.committed(SEARCH_DIR)
+    forest = SpanningForest()
+    restore(forest, output, done)
+    for owner, found in cluster_pairs(pool, centroids, fn, normalize, floor, spec.block_size, done):
+        table = merge(forest, space, [found], ids)
+        output.commit_part(f"{SEARCH_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
+    return forest, {"clusters": k, "kmeans_iterations": iterations}
+
+
+def kmeans(pool, rows: int, fn: str, spec: DedupSpec):
+    """Seeded k-means over the rows the pool's actors hold (each returns partial sums):
+    (centroids, k, iterations)."""
     import torch
 
     from pipeline.compute.kmeans import init_centroids, update
 
-    n = space.rows
+    n = rows
     k = min(n, spec.clusters or max(1, round(math.sqrt(n))))
     normalize = fn == "cosine"
     rng = np.random.default_rng(spec.seed)
@@ -189,15 +205,7 @@ def partitioned_pairs(
         centroids = new
         if shift <= 1e-4:
             break
-    owners = pool.size
-    log(f"k-means: {k} clusters after {iterations} iteration(s); exact pairs inside each cluster")
-    done = output.committed(SEARCH_DIR)
-    forest = SpanningForest()
-    restore(forest, output, done)
-    for owner, found in cluster_pairs(pool, centroids, fn, normalize, floor, spec.block_size, done):
-        table = merge(forest, space, [found], ids)
-        output.commit_part(f"{SEARCH_DIR}/cluster-owner-{owner:05d}-of-{owners:05d}.parquet", owner, table)
-    return forest, {"clusters": k, "kmeans_iterations": iterations}
+    return centroids, k, iterations
 
 
 def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block_size: int, done):

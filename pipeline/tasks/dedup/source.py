@@ -103,10 +103,14 @@ def load_source(folder: OutputFolder, raw: bool) -> Source:
     return source
 
 
-def resolve_source(spec: DedupSpec, output: OutputFolder, log) -> Source:
-    """An embed output as it is, or a raw corpus embedded into <output>/embeddings first."""
+def resolve_source(
+    spec: DedupSpec, output: OutputFolder, log, inputs: list[str] | None = None, folder: str = "embeddings"
+) -> Source:
+    """An embed output as it is, or a raw corpus embedded into <output>/<folder> first (``inputs``: the
+    input, or the reference set of a decontamination)."""
+    inputs = list(spec.input if inputs is None else inputs)
     storage_options = output.storage_options
-    url = spec.input[0].rstrip("/") if len(spec.input) == 1 else None
+    url = inputs[0].rstrip("/") if len(inputs) == 1 else None
     given = OutputFolder(url, storage_options) if url else None
     if given is not None and given.read_json(PLAN_FILE) is not None and not given.is_complete():
         raise DatasetError(
@@ -118,26 +122,27 @@ def resolve_source(spec: DedupSpec, output: OutputFolder, log) -> Source:
             check_same_model(spec, source.metadata, storage_options, url)
         return source
     if not spec.model:
-        raise DedupError(f"{', '.join(spec.input)}: not an embedpipe dataset; pass --model to embed it first")
+        raise DedupError(f"{', '.join(inputs)}: not an embedpipe dataset; pass --model to embed it first")
     from pipeline.model.config import load_model_config
     from pipeline.model.files import local_model_dir
     from pipeline.stages.embed import run_embed
 
     config = load_model_config(local_model_dir(spec.model, storage_options))
     fn = spec.similarity or config.similarity_fn_name
-    check_threshold(fn, spec.threshold, config.normalized)
+    if spec.threshold is not None:
+        check_threshold(fn, spec.threshold, config.normalized)
 
-    target = output.child("embeddings")
-    sources = corpus.list_sources(spec.input, storage_options)
+    target = output.child(folder)
+    sources = corpus.list_sources(inputs, storage_options)
     if not sources:
-        raise DedupError(f"{', '.join(spec.input)}: the corpus is empty")
+        raise DedupError(f"{', '.join(inputs)}: the corpus is empty")
     names = corpus.source_schema(sources[0], storage_options).names
     id_column = spec.id_column or ("id" if "id" in names else None)
     log(f"embedding the raw corpus into {target.url}")
     run_embed(
         EmbedSpec(
             model=spec.model,
-            input=list(spec.input),
+            input=inputs,
             output=target.url,
             text_column=spec.text_column,
             id_column=spec.id_column,
