@@ -854,3 +854,24 @@ def test_against_raw_corpora_with_a_model(tmp_path, tiny_model_dir) -> None:
     found = read_file(str(tmp_path / "out" / "contaminated.parquet"))
     assert found.column("id").to_pylist() == [f"t{r}" for r in want]
     assert report["removed"] == len(want)
+
+
+def test_another_job_into_a_dedup_output_is_refused_by_kind_and_overwrite_clears_its_files(
+        cosine_run, tmp_path, tiny_model_dir) -> None:
+    """The refusal names the kind of job that made the output; embed --overwrite removes dedup's files
+    (the kinds' owned names are recorded in the plan), and leaves files no job wrote."""
+    from pipeline.spec import EmbedSpec
+    from pipeline.tasks.embed import run_embed
+
+    out = tmp_path / "out"
+    shutil.copytree(cosine_run["out"], out)
+    (out / "notes.txt").write_text("mine")
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"]}), tmp_path / "c.parquet")
+    embed = {"model": str(tiny_model_dir), "input": [str(tmp_path / "c.parquet")], "output": str(out),
+             "progress": False}
+    with pytest.raises(ValueError, match="holds a dedup output made by another job"):
+        run_embed(build_spec(EmbedSpec, embed), log=lambda _m: None)
+    assert (out / "_SUCCESS").exists() and (out / "kept").exists()
+    run_embed(build_spec(EmbedSpec, {**embed, "overwrite": True}), log=lambda _m: None)
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["_SUCCESS", "_manifest.json", "_parts", "_plan.json", "notes.txt", "part-00000.parquet"]

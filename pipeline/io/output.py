@@ -18,6 +18,7 @@ back verifies its sha256 against the receipt or manifest, so jobs never touch fs
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import posixpath
@@ -47,6 +48,22 @@ class DatasetError(ValueError):
 def plan_key(material: dict) -> str:
     """What must match for an existing output to be resumed rather than refused: a hash of the material."""
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def plan_fields(job: str, key: str, owned: Sequence[str] | Callable[[str], bool]) -> dict:
+    """What every plan records: the job kind (named in refusals), the key, and the top-level names the
+    job owns as glob patterns (what an ``--overwrite`` by any job removes)."""
+    return {"job": job, "key": key, "owns": [] if callable(owned) else list(owned)}
+
+
+def owner(owned: Sequence[str] | Callable[[str], bool], recorded: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a top-level name is ours or the old plan's: patterns (or a predicate) and recorded patterns."""
+    patterns = [*recorded, *([] if callable(owned) else owned)]
+
+    def owns(name: str) -> bool:
+        return (callable(owned) and owned(name)) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    return owns
 
 
 def part_name(number: int) -> str:
@@ -233,13 +250,15 @@ class OutputFolder:
         plan: dict,
         *,
         overwrite: bool,
-        owned: Callable[[str], bool],
+        owned: Sequence[str] | Callable[[str], bool],
         log: Callable[[str], None],
         write: bool = True,
     ) -> dict | None:
         """One output belongs to one plan: the same ``key`` resumes it and returns its stored plan; another
-        is refused, or with ``overwrite`` the names ``owned`` accepts are removed. A new output gets
-        ``plan`` (with ``job`` and ``key``) unless ``write`` is False (the job writes it itself later)."""
+        is refused, naming the kind of job that made it, or with ``overwrite`` the top-level names matching
+        ``owned`` (glob patterns) or the patterns the old plan recorded are removed, so another job's files
+        never stay beside the new ones. A new output gets ``plan`` (with `plan_fields`) unless ``write`` is
+        False (the job writes it itself later)."""
         existing = self.plan()
         if existing is not None and existing.get("key") != key:
             kind = existing.get("job", job)
@@ -250,12 +269,12 @@ class OutputFolder:
                     "or choose another --output"
                 )
             log(f"replacing the existing {kind} output at {redact(self.url)}")
-            self.clear(owned)
+            self.clear(owner(owned, existing.get("owns") or []))
             existing = None
         if existing is None:
             self.check_writable()
             if write:
-                self.write_json(PLAN_FILE, dict(plan, job=job, key=key))
+                self.write_json(PLAN_FILE, dict(plan, **plan_fields(job, key, owned)))
         return existing
 
     def clear(self, owned: Callable[[str], bool]) -> None:

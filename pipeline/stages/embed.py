@@ -30,6 +30,7 @@ from pipeline.io.output import (
     SUCCESS_FILE,
     DatasetError,
     OutputFolder,
+    plan_fields,
     plan_key,
 )
 from pipeline.io.rows import Columns, check_rows, resolve_columns, texts_of
@@ -126,11 +127,8 @@ def plan_material(
     }
 
 
-def is_embed_file(name: str) -> bool:
-    """Names an embed output owns (parts, receipts, plan, manifest, ``_SUCCESS``)."""
-    return name in (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR) or (
-        name.startswith("part-") and name.endswith(".parquet")
-    )
+# What an embed output owns (parts, receipts, plan, manifest, _SUCCESS): an --overwrite removes these.
+EMBED_FILES = (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR, "part-*.parquet")
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -164,7 +162,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
 
     # The plan is written below, once the model has been described by an actor.
     existing = output.claim(
-        "embed", key, {}, overwrite=spec.overwrite, owned=is_embed_file, log=log, write=False
+        "embed", key, {}, overwrite=spec.overwrite, owned=EMBED_FILES, log=log, write=False
     )
     if existing is None:
         check_rows(shards, columns, spec.on_null, spec.on_duplicate_id, storage_options)
@@ -207,8 +205,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             output.write_json(
                 PLAN_FILE,
                 {
-                    "job": "embed",
-                    "key": key,
+                    **plan_fields("embed", key, EMBED_FILES),
                     "shards": [s.to_dict() for s in shards],
                     "metadata": metadata,
                     "model": description,

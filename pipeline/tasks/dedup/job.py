@@ -86,7 +86,7 @@ def plan_material(source: Source, fn: str, floor: float, spec: DedupSpec, worker
 
 def claim(output: OutputFolder, key: str, plan: dict, spec: DedupSpec, log) -> None:
     existing = output.claim(
-        "dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES.__contains__, log=log
+        "dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES, log=log
     )
     if existing is not None:
         output.mark_incomplete()  # a resumed dedup rewrites its outputs (the threshold may differ)
