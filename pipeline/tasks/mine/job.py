@@ -1,58 +1,66 @@
 """The mine job: hard negatives for (anchor, positive) pairs with sentence-transformers' semantics, on Ray.
 
-Steps: read the pairs and group them as sentence-transformers does (distinct anchors, a de-duplicated
-corpus of extra corpus + positives) and check every input and option, all on the driver before Ray
-starts or anything is written; encode the corpus and the anchors of the parts still missing on
-EncoderActors (the encoded chunks stay in Ray's object store); IndexShardActors each hold a slice of the
-corpus vectors and return every anchor block's top candidates over their slice; the driver merges them,
-applies the rules (``pipeline.compute.negatives``) and commits one output part (and its receipt under
-``_parts/``) per anchor block, so memory does not grow with the output. A re-run with the same input and
-options skips the committed parts (and needs no Ray at all when every part is there); report.json is
-built from the receipts, so it is the same either way.
+Steps: list the inputs and stream them once on the driver (``inputs.scan_inputs``: every text checked,
+digested for the plan key and hashed, then dropped), group them as sentence-transformers does, check
+every option, all before Ray starts or anything is written; encode the corpus chunks and the anchors of
+the parts still missing on EncoderActors (each reads its own texts; the vectors stay in Ray's object
+store); corpus slice actors each hold a run of the corpus (vectors and texts) and return every anchor
+block's candidate window over their slice (with a cross-encoder, its scores too); the driver merges,
+applies the rules and commits one output part (and its receipt) per anchor block
+(``blocks.finish_block``). A re-run with the same input and options skips the committed parts (and
+needs no Ray at all when every part is there); report.json is built from the receipts and the
+``scores/`` parts, so it is the same either way.
 
-The one difference from ``mine_hard_negatives``: scores use the model's own similarity function and
-normalization, where sentence-transformers always normalizes and uses cosine. For the usual cosine
-models the two agree.
+``--from-candidates OUTPUT`` re-applies ranges, margins, sampling, formats and filters to the
+``candidates/`` an earlier ``--save-candidates`` run kept: no model is loaded and nothing is encoded
+(slice actors hold only the texts); the inputs are read again to check they are the ones the candidates
+were made from and for the texts.
+
+Differences from ``mine_hard_negatives``: scores use the model's own similarity function and
+normalization, where sentence-transformers always normalizes and uses cosine (for the usual cosine
+models the two agree); ``exclude_duplicates`` and ``max_positive_similarity`` are ours.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
 from pipeline.compute import negatives as rules
 from pipeline.io.output import MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, OutputFolder, plan_key
-from pipeline.io.storage import parse_storage_options
+from pipeline.io.storage import parse_storage_options, redact
 from pipeline.io.training_formats import build_table
 from pipeline.spec import MineSpec, explicit_keys
-from pipeline.tasks.mine.inputs import MineError, pair_columns, read_corpus, read_table, texts
-from pipeline.tasks.mine.search import mine_blocks
+from pipeline.tasks.mine.blocks import CANDIDATES_DIR, SCORES_DIR, BlockWriter
+from pipeline.tasks.mine.inputs import MineError, MinePlan, list_inputs, scan_inputs
 
 REPORT_FILE = "report.json"
+EXAMPLES_PER_RULE = 5
+OPTION_NAMES = (
+    "range_min",
+    "range_max",
+    "max_score",
+    "min_score",
+    "absolute_margin",
+    "relative_margin",
+    "num_negatives",
+    "sampling_strategy",
+    "seed",
+    "include_positives",
+    "output_format",
+    "output_scores",
+    "max_positive_similarity",
+    "exclude_duplicates",
+)
 
 
 def mining_options(spec: MineSpec, max_positives: int) -> rules.MiningOptions:
-    names = (
-        "range_min",
-        "range_max",
-        "max_score",
-        "min_score",
-        "absolute_margin",
-        "relative_margin",
-        "num_negatives",
-        "sampling_strategy",
-        "seed",
-        "include_positives",
-        "output_format",
-        "output_scores",
-    )
-    values = {name: getattr(spec, name) for name in names}
+    values = {name: getattr(spec, name) for name in OPTION_NAMES}
     values = rules.apply_preset(values, spec.preset, set(explicit_keys(spec)))
+    values["cross_encoder"] = bool(spec.cross_encoder)
     return rules.resolve_options(rules.MiningOptions(**values), max_positives)
 
 
@@ -85,15 +93,9 @@ def is_mine_file(name: str) -> bool:
         MANIFEST_FILE,
         REPORT_FILE,
         RECEIPTS_DIR,
+        SCORES_DIR,
+        CANDIDATES_DIR,
     )
-
-
-def histogram(values: np.ndarray, bins: int = 20) -> dict:
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return {"edges": [], "counts": []}
-    counts, edges = np.histogram(values, bins=bins)
-    return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 
 
 def check_output_columns(options: rules.MiningOptions, anchor_col: str, positive_col: str) -> None:
@@ -112,131 +114,293 @@ def check_output_columns(options: rules.MiningOptions, anchor_col: str, positive
     )
 
 
-def committed_parts(output: OutputFolder, count: int) -> dict[int, dict]:
-    """Receipts of the parts a previous run committed (part and receipt both present), as dicts."""
-    return {
-        n: r.to_dict() for n, r in output.committed().items() if n < count and "positive_scores" in r.details
+def committed_blocks(output: OutputFolder, count: int, save_candidates: bool) -> dict[int, dict]:
+    """Receipts of the blocks a previous run finished: output part, scores part (and candidates part
+    when they are saved) all committed."""
+    parts = {n: r for n, r in output.committed().items() if n < count and "stats" in r.details}
+    needed = [set(output.committed(SCORES_DIR))]
+    if save_candidates:
+        needed.append(set(output.committed(CANDIDATES_DIR)))
+    return {n: r.to_dict() for n, r in parts.items() if all(n in have for have in needed)}
+
+
+def load_duplicates(spec: MineSpec, storage_options: dict, log):
+    if not spec.exclude_duplicates:
+        return None
+    from pipeline.tasks.mine.duplicates import load_duplicate_groups
+
+    groups = load_duplicate_groups(spec.exclude_duplicates, storage_options)
+    log(f"{len(groups.by_hash)} grouped texts in the dedup output {redact(groups.source)}")
+    return groups
+
+
+# -- the report ------------------------------------------------------------------------------------------
+
+
+def histogram_edges(low: float | None, high: float | None, bins: int = 20) -> np.ndarray | None:
+    if low is None:
+        return None
+    return np.histogram_bin_edges(np.asarray([low, high], dtype=np.float64), bins=bins)
+
+
+def build_report(output: OutputFolder, count: int, done: dict[int, dict]) -> dict:
+    """Statistics, examples and histograms from the receipts and the scores/ parts (one at a time)."""
+    totals = rules.MiningStats()
+    examples: dict[str, list] = {}
+    ranges: dict[str, list] = {}
+    for number in range(count):
+        receipt = done[number]
+        totals = totals + rules.MiningStats(**receipt["stats"])
+        for rule, picked in (receipt.get("samples") or {}).items():
+            room = EXAMPLES_PER_RULE - len(examples.setdefault(rule, []))
+            examples[rule].extend(picked[: max(0, room)])
+        for kind, (low, high, n) in (receipt.get("score_ranges") or {}).items():
+            seen = ranges.setdefault(kind, [None, None, 0])
+            if n:
+                seen[0] = low if seen[0] is None else min(seen[0], low)
+                seen[1] = high if seen[1] is None else max(seen[1], high)
+                seen[2] += n
+    edges = {kind: histogram_edges(low, high) for kind, (low, high, _) in ranges.items()}
+    counts = {kind: np.zeros(20, dtype=np.int64) for kind in edges}
+    receipts = output.committed(SCORES_DIR)
+    for number in range(count):
+        table = output.read_part(receipts[number])
+        for kind in table.column_names:
+            values = np.asarray(table.column(kind)[0].as_py(), dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if edges.get(kind) is not None and len(values):
+                counts[kind] += np.histogram(values, bins=edges[kind])[0]
+    histograms = {
+        kind: (
+            {"edges": [round(float(e), 6) for e in edges[kind]], "counts": counts[kind].tolist()}
+            if edges[kind] is not None
+            else {"edges": [], "counts": []}
+        )
+        for kind in edges
     }
+    empty = {"edges": [], "counts": []}
+    out = {
+        "totals": totals,
+        "examples": {rule: examples[rule] for rule in rules.RULES if examples.get(rule)},
+        "positive": histograms.get("positive", empty),
+        "negative": histograms.get("negative", empty),
+    }
+    if "negative_bi_encoder" in histograms:
+        out["rescoring"] = {
+            "negative_bi_encoder_score_histogram": histograms["negative_bi_encoder"],
+            "negative_cross_encoder_score_histogram": histograms.get("negative", empty),
+            "positive_bi_encoder_score_histogram": histograms.get("positive_bi_encoder", empty),
+            "positive_cross_encoder_score_histogram": histograms.get("positive", empty),
+        }
+    return out
+
+
+def finish(
+    output: OutputFolder,
+    report: dict,
+    plan: MinePlan,
+    blocks: list[int],
+    done: dict,
+    todo: list[int],
+    save_candidates: bool,
+    started: float,
+) -> dict:
+    summary = build_report(output, len(blocks), done)
+    totals = summary["totals"]
+    report.update(
+        {
+            "pairs_in": plan.pairs,
+            "anchors_in": plan.anchors,
+            "anchors_out": sum(done[n]["anchors_out"] for n in done),
+            "corpus_size": plan.corpus_size,
+            "rows_out": sum(done[n]["rows"] for n in done),
+            "parts": len(blocks),
+            "parts_written": len(todo),
+            "parts_resumed": len(blocks) - len(todo),
+            "anchors_short_of_negatives": totals.short_anchors,
+            "negatives": totals.negatives,
+            "dropped": totals.dropped,
+            "dropped_examples": summary["examples"],
+            "padding": totals.padding,
+            "positive_score_histogram": summary["positive"],
+            "negative_score_histogram": summary["negative"],
+        }
+    )
+    if "rescoring" in summary:
+        report["rescoring"] = summary["rescoring"]
+    report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    output.write_json(REPORT_FILE, report)
+    expected = {"": list(range(len(blocks))), SCORES_DIR: list(range(len(blocks)))}
+    if save_candidates:
+        expected[CANDIDATES_DIR] = list(range(len(blocks)))
+    output.finish({"job": "mine"}, expected=expected)
+    return report
+
+
+# -- a full run ------------------------------------------------------------------------------------------
 
 
 def run_mine(spec: MineSpec, log=None) -> dict:
     """Run the mining job; returns report.json's content."""
-    from tqdm import tqdm
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if spec.from_candidates:
+        from pipeline.tasks.mine.candidates import run_from_candidates
+
+        return run_from_candidates(spec, log)
 
     from pipeline.model.config import load_model_config
     from pipeline.model.files import fingerprint, local_model_dir
     from pipeline.model.modules import check_model
 
-    log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
     storage_options = parse_storage_options(spec.storage_option)
     output = OutputFolder(spec.output, storage_options)
 
     # Everything that can be wrong with the input or the options is found before Ray starts and
     # before anything is written: columns, texts, model, prompts, corpus, grouping, options, names.
-    where = ", ".join(spec.input)
-    pairs = read_table(spec.input, storage_options, "pairs")
-    anchor_col, positive_col = pair_columns(pairs, spec, where)
-    anchors_in, positives_in = texts(pairs, anchor_col, where), texts(pairs, positive_col, where)
     model_dir = local_model_dir(spec.model, storage_options)
     check_model(model_dir, spec.allow_pickle)
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": None})
     model_config = load_model_config(model_dir)
     query_prompt, corpus_prompt = prompts_for(spec, {"prompts": model_config.prompts})
-    extra = read_corpus(spec, storage_options, model_fingerprint, corpus_prompt)
-    try:
-        groups = rules.group_pairs(anchors_in, positives_in, extra.texts)
-    except ValueError as exc:
-        raise MineError(f"pairs {where}: {exc}") from None
-    options = mining_options(spec, groups.max_positives)
-    check_output_columns(options, anchor_col, positive_col)
+    cross_encoder = None
+    if spec.cross_encoder:
+        from pipeline.model.cross_encoder import check_cross_encoder, cross_encoder_fingerprint
+
+        ce_dir = local_model_dir(spec.cross_encoder, storage_options)
+        check_cross_encoder(ce_dir, spec.allow_pickle)
+        cross_encoder = {
+            "path": str(ce_dir),
+            "fingerprint": cross_encoder_fingerprint(ce_dir),
+            "allow_pickle": spec.allow_pickle,
+            "max_batch_tokens": spec.max_batch_tokens,
+        }
+    inputs = list_inputs(spec, storage_options, model_fingerprint, corpus_prompt)
+    duplicates = load_duplicates(spec, storage_options, log)
+    plan = scan_inputs(inputs, storage_options, duplicates.map_corpus if duplicates else None)
+    options = mining_options(spec, plan.max_positives)
+    check_output_columns(options, inputs.anchor_column, inputs.positive_column)
     fn = model_config.similarity_fn_name
-    k = rules.candidate_count(options, groups.max_positives, len(groups.corpus))
-    key = plan_key(
-        {
-            "model": model_fingerprint,
-            "pairs": hashlib.sha256(json.dumps([anchors_in, positives_in]).encode()).hexdigest(),
-            "corpus": hashlib.sha256(json.dumps(extra.texts).encode()).hexdigest(),
-            "options": asdict(options),
+    k = rules.candidate_count(options, plan.max_positives, plan.corpus_size)
+    material = {
+        "model": model_fingerprint,
+        "cross_encoder": cross_encoder["fingerprint"] if cross_encoder else None,
+        "pairs": plan.pairs_digest,
+        "corpus": plan.corpus_digest,
+        "options": asdict(options),
+        "duplicates": duplicates.digest if duplicates else None,
+        "query_prompt": query_prompt,
+        "corpus_prompt": corpus_prompt,
+        "columns": [inputs.anchor_column, inputs.positive_column],
+        "block": spec.anchors_per_block,
+        "save_candidates": spec.save_candidates,
+    }
+    key = plan_key(material)
+    stored = {}
+    if spec.save_candidates:
+        stored["candidates"] = {
+            "model": spec.model,
+            "model_fingerprint": model_fingerprint,
+            "cross_encoder": spec.cross_encoder,
+            "cross_encoder_fingerprint": material["cross_encoder"],
+            "input": list(spec.input),
+            "corpus": list(spec.corpus),
+            "corpus_text_column": spec.corpus_text_column,
+            "anchor_column": inputs.anchor_column,
+            "positive_column": inputs.positive_column,
+            "pairs_digest": plan.pairs_digest,
+            "corpus_digest": plan.corpus_digest,
             "query_prompt": query_prompt,
             "corpus_prompt": corpus_prompt,
-            "columns": [anchor_col, positive_col],
-            "block": spec.anchors_per_block,
+            "similarity_fn_name": fn,
+            "k": k,
+            "max_positives": plan.max_positives,
+            "corpus_size": plan.corpus_size,
+            "anchors": plan.anchors,
+            "anchors_per_block": spec.anchors_per_block,
         }
-    )
-    output.claim("mine", key, {}, overwrite=spec.overwrite, owned=is_mine_file, log=log)
+    output.claim("mine", key, stored, overwrite=spec.overwrite, owned=is_mine_file, log=log)
 
-    blocks = list(range(0, len(groups.anchors), spec.anchors_per_block))
-    done = committed_parts(output, len(blocks))
+    blocks = list(range(0, plan.anchors, spec.anchors_per_block))
+    done = committed_blocks(output, len(blocks), spec.save_candidates)
     todo = [number for number in range(len(blocks)) if number not in done]
     log(
-        f"{len(pairs)} pairs: {len(groups.anchors)} anchors, corpus of {len(groups.corpus)} texts; "
+        f"{plan.pairs} pairs: {plan.anchors} anchors, corpus of {plan.corpus_size} texts; "
         f"{k} candidates per anchor; {len(blocks)} part(s), {len(done)} already committed"
     )
-    timings: dict = {}
+    timings: dict = {"plan_seconds": round(time.perf_counter() - started, 3)}
     workers = replaced = 0
     if todo:
-        output.mark_incomplete()  # a part went missing since a complete run: not complete until it is back
-        workers, replaced = mine_blocks(
-            spec,
-            groups,
-            extra,
-            options,
-            fn,
-            k,
-            query_prompt,
-            corpus_prompt,
-            blocks,
-            todo,
-            done,
-            output,
-            anchor_col,
-            positive_col,
-            model_dir,
-            storage_options,
-            timings,
-            tqdm,
-            log,
-        )
+        from pipeline.tasks.mine.search import SearchContext, mine_blocks
 
-    # The report comes from the receipts, so a resumed run reports exactly what a single run would.
-    totals = rules.MiningStats()
-    for number in range(len(blocks)):
-        totals = totals + rules.MiningStats(**done[number]["stats"])
-    positive_scores_all = np.concatenate(
-        [np.asarray(done[n]["positive_scores"], np.float32) for n in sorted(done)]
-    )
-    negative_scores_all = np.concatenate(
-        [np.asarray(done[n]["negative_scores"], np.float32) for n in sorted(done)]
-    )
-    timings["total_seconds"] = round(time.perf_counter() - started, 3)
+        output.mark_incomplete()  # a part went missing since a complete run: not complete until it is back
+        needs_ce = cross_encoder is not None and (options.rescore or spec.save_candidates)
+        context = SearchContext(
+            spec=spec,
+            plan=plan,
+            writer=BlockWriter(
+                options,
+                plan.max_positives,
+                inputs.anchor_column,
+                inputs.positive_column,
+                output,
+                duplicates,
+                spec.save_candidates,
+            ),
+            fn=fn,
+            k=k,
+            query_prompt=query_prompt,
+            corpus_prompt=corpus_prompt,
+            model_dir=str(model_dir),
+            storage_options=storage_options,
+            cross_encoder=dict(cross_encoder, storage_options=storage_options) if needs_ce else None,
+            need_positive_similarity=options.max_positive_similarity is not None or spec.save_candidates,
+        )
+        workers, replaced = mine_blocks(context, blocks, todo, done, timings, log)
+
     report = {
         "output": output.url,
         "output_format": options.output_format,
-        "pairs_in": len(pairs),
-        "anchors_in": len(groups.anchors),
-        "anchors_out": sum(done[n]["anchors_out"] for n in done),
-        "corpus_size": len(groups.corpus),
-        "corpus_reused_from": extra.reused_from,
-        "rows_out": sum(done[n]["rows"] for n in done),
-        "parts": len(blocks),
-        "parts_written": len(todo),
-        "parts_resumed": len(blocks) - len(todo),
+        "corpus_reused_from": inputs.reused_from,
         "candidates_per_anchor": k,
-        "anchors_short_of_negatives": totals.short_anchors,
-        "negatives": totals.negatives,
-        "dropped": totals.dropped,
-        "padding": totals.padding,
         "similarity_fn_name": fn,
         "options": asdict(options),
         "query_prompt": query_prompt,
         "corpus_prompt": corpus_prompt,
-        "positive_score_histogram": histogram(positive_scores_all),
-        "negative_score_histogram": histogram(negative_scores_all),
+        "cross_encoder": (
+            {
+                "path": spec.cross_encoder,
+                "fingerprint": cross_encoder["fingerprint"],
+                "rescored": options.rescore,
+            }
+            if cross_encoder
+            else None
+        ),
+        "duplicate_groups": (
+            {"source": duplicates.source, "corpus_texts_in_groups": duplicates.mapped} if duplicates else None
+        ),
+        "candidates_saved": spec.save_candidates,
         "timings": timings,
         "workers": workers,
         "actors_replaced": replaced,
     }
-    output.write_json(REPORT_FILE, report)
-    output.finish({"job": "mine"}, expected={"": list(range(len(blocks)))})
-    return report
+    return finish(output, report, plan, blocks, done, todo, spec.save_candidates, started)
+
+
+def with_defaults(spec: MineSpec, saved: dict) -> MineSpec:
+    """The spec with the inputs and columns of the saved candidates wherever it names none."""
+    filled = replace(
+        spec,
+        input=list(spec.input) or list(saved["input"]),
+        corpus=list(spec.corpus) or list(saved["corpus"]),
+        corpus_text_column=spec.corpus_text_column
+        if "corpus_text_column" in explicit_keys(spec)
+        else saved["corpus_text_column"],
+        anchor_column=spec.anchor_column or saved["anchor_column"],
+        positive_column=spec.positive_column or saved["positive_column"],
+    )
+    filled.__dict__["explicit_keys"] = explicit_keys(spec)  # presets still yield to what the user set
+    return filled
+
+
+__all__ = ["MineError", "mining_options", "run_mine"]
