@@ -875,3 +875,24 @@ def test_another_job_into_a_dedup_output_is_refused_by_kind_and_overwrite_clears
     run_embed(build_spec(EmbedSpec, {**embed, "overwrite": True}), log=lambda _m: None)
     left = sorted(p.name for p in out.iterdir())
     assert left == ["_SUCCESS", "_manifest.json", "_parts", "_plan.json", "notes.txt", "part-00000.parquet"]
+
+
+def test_read_helpers_open_embed_and_dedup_outputs(cosine_run) -> None:
+    """pipeline.read: an embed output as ids + float32 vectors + metadata; a dedup's groups with texts,
+    kept row first, equal to duplicates.parquet and to the input."""
+    from pipeline.read import read_embeddings, read_groups
+
+    c = cosine_run
+    emb = read_embeddings(c["input"])
+    assert emb.ids == case_ids("cosine") and emb.vectors.dtype == np.float32
+    np.testing.assert_array_equal(emb.vectors, case_vectors("cosine"))
+    assert emb.metadata["similarity_fn_name"] == "cosine"
+    groups = read_groups(c["out"])
+    dup = read_file(f"{c['out']}/duplicates.parquet")
+    assert groups.num_rows == dup.num_rows + len(set(dup.column("group_id").to_pylist()))
+    text_of = dict(zip(case_ids("cosine"), case_texts(), strict=True))
+    for row in groups.to_pylist():
+        assert row["text"] == text_of[row["id"]]
+    first = groups.to_pylist()[0]
+    assert first["kept"] and first["score"] is None
+    assert sorted(r["id"] for r in groups.to_pylist() if not r["kept"]) == sorted(dup.column("id").to_pylist())
