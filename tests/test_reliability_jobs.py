@@ -191,11 +191,11 @@ def local_files(root: str) -> dict[str, bytes]:
 
 
 def digests(files: dict[str, bytes]) -> dict[str, str]:
-    """sha256 of every file but report.json (it holds timings), by name."""
+    """sha256 of every file but the report (report.json, and dedup's report.html: they hold timings)."""
     return {
         name: hashlib.sha256(data).hexdigest()
         for name, data in sorted(files.items())
-        if name != "report.json"
+        if name not in ("report.json", "report.html")
     }
 
 
