@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,3 +285,241 @@ def expected_fallback_max_seq_length(tokenizer_max_length: int | None, max_posit
 def build_plain_hf_model(target: Path, *, seed: int = 0, max_position_embeddings: int = 128) -> Path:
     """A plain Hugging Face directory (no modules.json): loads as Transformer + mean pooling."""
     return write_hf_backbone(Path(target), seed=seed, max_position_embeddings=max_position_embeddings)
+
+
+# --------------------------------------------------------------------------- other model kinds
+# Each builder saves with sentence-transformers 6.2's own API (``SentenceTransformer.save``) and returns the
+# directory; the module objects are built by ``st_*`` helpers so a test can compose its own chain.
+
+FLAT_CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP]{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+STRUCTURED_CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for item in m['content'] %}"
+    "{% if item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %} [SEP]{% endfor %}"
+)
+# A template that reads the role sentence-transformers passes as ``task``.
+TASK_CHAT_TEMPLATE = (
+    "{% if task %}[{{ task }}] {% endif %}"
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP]{% endfor %}"
+)
+
+
+def write_decoder_backbone(
+    target: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    max_position_embeddings: int = 128,
+    padding_side: str = "left",
+    chat_template: str | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """A plain Hugging Face directory: a tiny seeded Llama-style causal LM (``LlamaForCausalLM``, so its
+    config names a ``*ForCausalLM`` architecture) behind the real MiniLM WordPiece tokenizer (a qwen2 config
+    would force a Qwen2 tokenizer), with the given padding side and chat template. ``initializer_range``
+    0.2 keeps texts apart; ``dtype`` saves the weights in float16 / bfloat16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(target)
+    copy_tokenizer(target)
+    config = read_json(target / "tokenizer_config.json")
+    config["padding_side"] = padding_side
+    write_json(target / "tokenizer_config.json", config)
+    if chat_template is not None:
+        (target / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    torch.manual_seed(seed)
+    llama = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    model = LlamaForCausalLM(llama).eval()
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(str(target))
+    return target
+
+
+def st_transformer(backbone: Path, **options: Any) -> Any:
+    """sentence-transformers' Transformer over a backbone directory (options: max_seq_length,
+    processing_kwargs, query_length, document_length, model_kwargs, ...)."""
+    from sentence_transformers.base.modules import Transformer
+
+    return Transformer(str(backbone), **options)
+
+
+def st_pooling(dim: int, mode: str | Sequence[str] = "mean", **options: Any) -> Any:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    return Pooling(dim, pooling_mode=mode, **options)
+
+
+def st_dense(
+    in_features: int, out_features: int, *, seed: int = 0, activation: str = "Tanh", **options: Any
+) -> Any:
+    """A Dense with seeded weights (options: module_input_name, module_output_name, use_residual, bias)."""
+    import torch
+    from sentence_transformers.base.modules import Dense
+
+    torch.manual_seed(seed)
+    return Dense(in_features, out_features, activation_function=getattr(torch.nn, activation)(), **options)
+
+
+def st_static_embedding(dim: int = 32, *, seed: int = 0) -> Any:
+    """A StaticEmbedding over the MiniLM tokenizer with seeded random vectors."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(real_model_path() / "tokenizer.json"))
+    torch.manual_seed(seed)
+    return StaticEmbedding(tokenizer, embedding_weights=torch.randn(tokenizer.get_vocab_size(), dim))
+
+
+def st_layer_norm(dim: int, *, seed: int = 0) -> Any:
+    """A LayerNorm with a seeded, non-trivial scale and shift."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import LayerNorm
+
+    module = LayerNorm(dim)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        module.norm.weight.add_(0.3 * torch.randn(dim))
+        module.norm.bias.add_(0.3 * torch.randn(dim))
+    return module
+
+
+def st_normalize() -> Any:
+    from sentence_transformers.base.modules import Normalize
+
+    return Normalize()
+
+
+def save_st_model(target: Path, modules: Sequence[Any], *, dtype: str | None = None, **options: Any) -> Path:
+    """``SentenceTransformer(modules=..., **options).save(target)`` (options: prompts, default_prompt_name,
+    similarity_fn_name, truncate_dim); ``dtype`` converts the whole model first (a float16 save)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(modules=list(modules), device="cpu", **options)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    model.save(str(target))
+    return target
+
+
+def build_decoder_model(
+    target: Path,
+    *,
+    pooling: str | Sequence[str] = "lasttoken",
+    padding_side: str = "left",
+    chat_template: str | None = None,
+    normalize: bool = True,
+    seed: int = 0,
+    transformer_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Path:
+    """A tiny Llama-style decoder + Pooling (+ Normalize), saved by sentence-transformers. With a
+    ``chat_template`` 6.2 saves a ``message`` modality: texts then go through the template."""
+    target = Path(target)
+    backbone = write_decoder_backbone(
+        target.parent / f".{target.name}-backbone",
+        seed=seed,
+        padding_side=padding_side,
+        chat_template=chat_template,
+    )
+    modules = [st_transformer(backbone, **(transformer_options or {})), st_pooling(32, pooling)]
+    if normalize:
+        modules.append(st_normalize())
+    save_st_model(target, modules, **options)
+    shutil.rmtree(backbone, ignore_errors=True)
+    return target
+
+
+def build_encoder_chain(
+    target: Path,
+    extra: Callable[[int], Sequence[Any]] = lambda dim: [],
+    *,
+    pooling: str | Sequence[str] = "mean",
+    before_pooling: Callable[[int], Sequence[Any]] = lambda dim: [],
+    seed: int = 0,
+    transformer_options: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    **options: Any,
+) -> Path:
+    """A tiny BERT + ``before_pooling(32)`` modules + Pooling + ``extra(dim)`` modules, saved by
+    sentence-transformers (``dtype``: the whole model converted before saving)."""
+    target = Path(target)
+    backbone = write_hf_backbone(target.parent / f".{target.name}-backbone", seed=seed)
+    modules = [st_transformer(backbone, **(transformer_options or {})), *before_pooling(32)]
+    modes = [pooling] if isinstance(pooling, str) else list(pooling)
+    token_dim = getattr(modules[-1], "out_features", 32)
+    modules.append(st_pooling(token_dim, modes if len(modes) > 1 else modes[0]))
+    modules += list(extra(token_dim * len(modes)))
+    save_st_model(target, modules, dtype=dtype, **options)
+    shutil.rmtree(backbone, ignore_errors=True)
+    return target
+
+
+def build_router_model(
+    target: Path,
+    query: Callable[[Path], Sequence[Any]],
+    document: Callable[[Path], Sequence[Any]],
+    after: Sequence[Any] = (),
+    *,
+    default_route: str | None = "document",
+    **options: Any,
+) -> Path:
+    """``Router.for_query_document(query(workdir), document(workdir))`` + ``after`` modules, saved by
+    sentence-transformers; ``workdir`` is a scratch folder for backbones."""
+    from sentence_transformers.base.modules import Router
+
+    target = Path(target)
+    work = target.parent / f".{target.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    router = Router.for_query_document(list(query(work)), list(document(work)), default_route=default_route)
+    save_st_model(target, [router, *after], **options)
+    shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def mixed_texts(n: int, seed: int, max_chars: int = 1500) -> list[str]:
+    """Real texts of mixed lengths from tests/data (fortunes, FAQ questions and answers, man pages; the long
+    ones exceed a 128-token limit), plus an empty, a blank and a one-letter text."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tests.conftest import TEST_DATA
+
+    def column(name: str, col: str) -> list[str]:
+        return pq.read_table(TEST_DATA / name, columns=[col]).column(col).to_pylist()
+
+    pools = [
+        column("fortunes.parquet", "text"),
+        column("faq_pairs.parquet", "query"),
+        column("faq_pairs.parquet", "positive"),
+        column("manpages_pairs.parquet", "positive"),
+    ]
+    rng = np.random.default_rng(seed)
+    texts = ["", " \t\n", "A"]
+    counts = [n - 3 - 3 * (n // 5), n // 5, n // 5, n // 5]
+    for pool, count in zip(pools, counts, strict=True):
+        picks = rng.choice(len(pool), size=count, replace=False)
+        texts += [pool[i][:max_chars] for i in picks]
+    rng.shuffle(texts)
+    return texts
