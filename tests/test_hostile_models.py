@@ -59,6 +59,22 @@ def auto_map_tokenizer(root: Path, marker: Path) -> tuple[Path, list[str]]:
     return root / "tokenizer_config.json", ["auto_map", "remote code"]
 
 
+def router_with_custom_module(root: Path, marker: Path) -> tuple[Path, list[str]]:
+    """A Router (modules.json's first module) whose route names a class from a planted file."""
+    plant_code(root, "modeling_evil", marker)
+    (root / "query_0_Evil").mkdir()
+    (root / "router_config.json").write_text(json.dumps({
+        "types": {"query_0_Evil": "modeling_evil.EvilTransformer"},
+        "structure": {"query": ["query_0_Evil"], "document": ["query_0_Evil"]},
+        "parameters": {"default_route": "document"},
+    }))
+    edit_json(root / "modules.json",
+              lambda modules: [dict(m, type="sentence_transformers.base.modules.router.Router") if m["idx"] == 0
+                               else m for m in modules])
+    return root / "router_config.json", ["unknown module type", "modeling_evil.EvilTransformer",
+                                         "custom module code is never imported"]
+
+
 def with_dense(root: Path, activation: str) -> Path:
     """Insert a well-formed Dense module (real safetensors weights) before Normalize, with `activation`."""
     import torch
@@ -126,6 +142,7 @@ MODELS = [
     Hostile("module path ../../", module_path(lambda root: "../../escaped-pooling")),
     Hostile("module path absolute", module_path(lambda root: "/etc")),
     Hostile("module folder a symlink out", symlinked_module),
+    Hostile("Router naming a custom module", router_with_custom_module),
 ]
 
 

@@ -42,6 +42,7 @@ from tests.support.tiny_models import (
     build_decoder_model,
     build_encoder_chain,
     build_router_model,
+    copy_tokenizer,
     mixed_texts,
     read_json,
     save_st_model,
@@ -382,6 +383,7 @@ def test_processing_kwargs_and_role_lengths(built) -> None:
         _, ours, _ = assert_parity(path, "processing_kwargs + query_length / document_length", role=role)
     # processing_kwargs' max_length wins over the role lengths, as in 6.2
     assert {ours.tokenize(TEXTS, role=r).lengths.max() for r in ROLES} == {24}
+    assert ours.describe()["module_settings"][0]["max_length"] == {"none": 24, "query": 24, "document": 24}
 
 
 def test_role_lengths_without_processing_kwargs(built) -> None:
@@ -390,6 +392,7 @@ def test_role_lengths_without_processing_kwargs(built) -> None:
         _, ours, _ = assert_parity(path, "query_length / document_length", role=role)
     lengths = {r: int(ours.tokenize(TEXTS, role=r).lengths.max()) for r in ROLES}
     assert lengths == {None: 128, "query": 12, "document": 40}
+    assert ours.describe()["module_settings"][0]["max_length"] == {"none": 128, "query": 12, "document": 40}
 
 
 def test_prompts_and_roles(built) -> None:
@@ -445,6 +448,22 @@ def test_kwargs_from_sentence_bert_config(built, tmp_path: Path, legacy: bool) -
     assert ours.transformer.model.config._attn_implementation == "eager"
     plain = load_encoder(built("role-lengths"), device="cpu").encode(TEXTS, max_batch_tokens=2048)
     assert np.abs(got - plain).max() > 1e-3
+
+
+def test_encoder_decoder_loads_its_encoder(tmp_path: Path) -> None:
+    # A T5 checkpoint: sentence-transformers runs T5EncoderModel (no decoder), and so does embedpipe.
+    from transformers import T5Config, T5Model
+
+    backbone = tmp_path / "t5-backbone"
+    copy_tokenizer(backbone)
+    torch.manual_seed(13)
+    config = T5Config(
+        vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0
+    )
+    T5Model(config).save_pretrained(str(backbone))
+    path = save_st_model(tmp_path / "t5", [st_transformer(backbone), st_pooling(32, "mean"), st_normalize()])
+    _, ours, _ = assert_parity(path, "T5 (encoder alone)", texts=TEXTS[:128])
+    assert ours.describe()["module_settings"][0]["architecture"] == "T5EncoderModel"
 
 
 # -- directories without modules.json -----------------------------------------------------------------

@@ -341,6 +341,11 @@ class Transformer(InputModule):
         if config.query_length is not None or config.document_length is not None:
             settings["query_length"] = config.query_length
             settings["document_length"] = config.document_length
+        # what the texts are cut at, per role (None: not cut), after every setting above
+        settings["max_length"] = {
+            role or "none": self.call_kwargs(role)[0].get("max_length")
+            for role in (None, "query", "document")
+        }
         if config.processing_kwargs:
             settings["processing_kwargs"] = config.processing_kwargs
         return settings
