@@ -41,7 +41,7 @@ class RuntimeOptions:
 
     workers: int | None = opt(None, "encoder actors (default: one per GPU, else 1)")
     ray_address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable)")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE")
     progress: bool = opt(True, "show a progress bar on stderr")
 
 
@@ -58,13 +58,18 @@ class EncodeOptions:
     max_batch_tokens: int | None = opt(None, "padded tokens per forward batch")
     dtype: str = opt("auto", "GPU compute dtype", ("auto", "float32", "float16", "bfloat16"))
     allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
+    model_name: str | None = opt(
+        None,
+        "name recorded as model_name in the output's metadata (default: the model's own name from its "
+        "model card or config, else the directory name)",
+    )
 
 
 @dataclass
 class EmbedSpec(EncodeOptions, RuntimeOptions):
     input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC)", required=True)
     output: str | None = opt(None, "output dataset URL", required=True)
-    keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
+    keep_columns: list[str] = opt([], "columns carried through to the output")
     rows_per_shard: int = opt(10000, "rows per shard")
     precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
     on_null: str = opt(
@@ -89,16 +94,33 @@ def base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def is_list_type(kind: Any) -> bool:
+    """A list option (``list[str]``)."""
+    return typing.get_origin(kind) is list
+
+
+def split_list(value: str) -> list[str]:
+    """One value of a list option: comma-separated items, blanks dropped (``"a, b,"`` -> ``["a", "b"]``)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# List options whose items are never split on commas: a KEY=VALUE's value may hold commas.
+UNSPLIT_LISTS = frozenset({"storage_option"})
+
+
 def coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check and convert one value; the error names the field."""
+    """Check and convert one value; the error names the field.
+
+    A list option takes a list, or one string of comma-separated items (as its flag does), except
+    ``storage_option``, whose string is one KEY=VALUE."""
     kind, optional = base_type(annotation)
     if value is None:
         if optional:
             return None
         raise SpecError(f"{name}: must not be empty")
-    if typing.get_origin(kind) is list:
+    if is_list_type(kind):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if name == "keep_columns" else [value]
+            value = [value] if name in UNSPLIT_LISTS else split_list(value)
         if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
             raise SpecError(f"{name}: expected a list of strings, got {value!r}")
         return [str(v) for v in value]
@@ -334,7 +356,7 @@ class ConvertSpec:
     output: str | None = opt(None, "output folder", required=True, positional=True)
     anchor_column: str | None = opt(None, "anchor column (default: the first column)")
     positive_column: str | None = opt(None, "positive column (default: the second column)")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable)")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE")
 
 
 @dataclass
@@ -345,7 +367,7 @@ class ReembedSpec(EncodeOptions, RuntimeOptions):
         [], "input URLs or globs (Parquet, JSON Lines, Arrow IPC); needs an id column", required=True
     )
     output: str | None = opt(None, "snapshot store URL (v00001/, v00002/, ..., _LATEST)", required=True)
-    keep_columns: list[str] = opt([], "columns carried through to the output (comma-separated)")
+    keep_columns: list[str] = opt([], "columns carried through to the output")
     rows_per_shard: int = opt(10000, "rows per shard and per output part")
     precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
     on_null: str = opt(

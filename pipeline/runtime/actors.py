@@ -38,11 +38,15 @@ class EncoderActor:
 
     def __init__(self, model: str, model_options: dict, threads: int) -> None:
         import torch
+        from transformers.utils import logging as transformers_logging
 
         from pipeline.model import load_encoder
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
+        # No "Loading weights" bar per worker (transformers' and huggingface_hub's bars off in this
+        # process): the job's progress is the driver's bar, or its line per shard.
+        transformers_logging.disable_progress_bar()
         self.encoder = load_encoder(model, **model_options)
         self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.pending: dict[Any, Future] = {}

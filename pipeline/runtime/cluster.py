@@ -34,12 +34,40 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        local_token_auth()
         ray.init(
             address="local",
             include_dashboard=False,
             object_store_memory=int(os.environ.get("EMBEDPIPE_OBJECT_STORE_BYTES", LOCAL_OBJECT_STORE_BYTES)),
             **kwargs,
         )
+
+
+def local_token_auth() -> None:
+    """Token authentication for the local cluster we start, said explicitly so that Ray does not warn.
+
+    Ray 2.5x turns token authentication on for a new local cluster when ``RAY_AUTH_MODE`` is unset, and
+    warns on every run that it did. We make the same choice ourselves: ``RAY_AUTH_MODE=token`` for this
+    process and the cluster's processes (they inherit the environment), with Ray's token file
+    (``~/.ray/auth_token``, created by Ray when missing), so that another process of this user joins the
+    cluster with ``RAY_AUTH_MODE=token``. An explicit ``RAY_AUTH_MODE`` (e.g. ``disabled``, as the tests
+    set for multi-node clusters) is left as it is. Ray reads the mode once, when ``ray`` is imported, so
+    its configuration is refreshed as Ray itself does when it makes this choice.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication import authentication_token_setup as token_setup
+    except ImportError:  # a Ray without token authentication: nothing to say
+        return
+    enable = getattr(token_setup, "_enable_token_auth", None)
+    if enable is not None:
+        enable()  # sets RAY_AUTH_MODE=token and refreshes Ray's cached configuration
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def plan_actors(workers: int | None = None) -> ActorPlan:

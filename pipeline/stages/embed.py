@@ -10,13 +10,17 @@ against its receipt; write the manifest and ``_SUCCESS`` last.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 from tqdm import tqdm
 
 from pipeline import __version__
@@ -115,7 +119,7 @@ def plan_material(
     spec: EmbedSpec, model_fingerprint: str, columns: Columns, shards: list[Shard], sizes: dict
 ) -> dict:
     """What must match for an existing output to be resumed rather than refused."""
-    return {
+    material = {
         "model": model_fingerprint,
         "columns": columns.__dict__,
         "prompt_name": spec.prompt_name,
@@ -125,6 +129,85 @@ def plan_material(
         "shards": [s.to_dict() for s in shards],
         "sizes": sizes,
     }
+    if spec.model_name is not None:  # only when given, so outputs made before --model-name keep their key
+        material["model_name"] = spec.model_name
+    return material
+
+
+# The titles sentence-transformers gives a card when the model has no name (its template's placeholder, or
+# the class name, "... based on <base model>"): not the model's name.
+PLACEHOLDER_MODEL_NAME = re.compile(
+    r"(?i)model|sentence transformer model|"
+    r"(SentenceTransformer|SparseEncoder|CrossEncoder|MultiVectorEncoder)( based on .+)?"
+)
+
+
+def model_display_name(model_dir: Path, model: str) -> str:
+    """The name recorded as ``model_name`` when ``--model-name`` is not given: the model's own name.
+
+    In order: ``org/name`` from a Hugging Face cache path (``.../models--org--name/snapshots/<rev>``);
+    ``model_name`` in config_sentence_transformers.json or config.json; the model card (README.md): its
+    front matter's ``model_name`` or ``model-index`` name, else its first ``# title`` (sentence-transformers
+    writes the model's name there; its placeholders such as "SentenceTransformer based on X" are skipped);
+    else the directory's (or URL's) last name. ``base_model`` and
+    config.json's ``_name_or_path`` are not used: in a fine-tuned model they name the model it was tuned
+    from (all-MiniLM-L6-v2's says ``nreimers/MiniLM-L6-H384-uncased``).
+    """
+    parts = Path(model.rstrip("/")).parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    for config in ("config_sentence_transformers.json", "config.json"):
+        try:
+            value = json.loads((model_dir / config).read_text(encoding="utf-8")).get("model_name")
+        except (OSError, ValueError, AttributeError):
+            value = None
+        if name := usable_name(value):
+            return name
+    if name := model_card_name(model_dir / "README.md"):
+        return name
+    return Path(model.rstrip("/")).name or model_dir.name
+
+
+def model_card_name(readme: Path) -> str | None:
+    """The model's name from its card: front matter ``model_name`` / ``model-index[0].name``, else the
+    first level-1 heading outside code blocks."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    body = text
+    front = re.match(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", text, re.S)
+    if front:
+        body = text[front.end() :]
+        try:
+            meta = yaml.safe_load(front.group(1))
+        except yaml.YAMLError:
+            meta = None
+        if isinstance(meta, dict):
+            if name := usable_name(meta.get("model_name")):
+                return name
+            index = meta.get("model-index")
+            first = index[0] if isinstance(index, list) and index else None
+            if isinstance(first, dict) and (name := usable_name(first.get("name"))):
+                return name
+    fenced = False
+    for line in body.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and line.startswith("# "):
+            return usable_name(line[2:].strip().strip("#").strip())
+    return None
+
+
+def usable_name(value) -> str | None:
+    """A one-line name of sensible length, or None."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or "\n" in value or len(value) > 200 or PLACEHOLDER_MODEL_NAME.fullmatch(value):
+        return None
+    return value
 
 
 # What an embed output owns (parts, receipts, plan, manifest, _SUCCESS): an --overwrite removes these.
@@ -185,9 +268,11 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         calibration = existing.get("calibration") if existing else None
         if spec.precision == "int8" and calibration is None:
             calibration = calibrate(pool, shards, columns, prompt, spec.on_null, storage_options)
+        # An output keeps the name it was started with (the card is not fingerprinted); --model-name is in the key.
+        stored_name = ((existing or {}).get("metadata") or {}).get("model_name")
         metadata = {
             "model": spec.model if "://" not in spec.model else redact(spec.model),
-            "model_name": description["name"],
+            "model_name": spec.model_name or stored_name or model_display_name(model_dir, spec.model),
             "fingerprint": description["fingerprint"],
             "pooling": description["pooling"],
             "normalized": description["normalized"],
@@ -216,8 +301,8 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
 
         total_rows = sum(s.rows for s in shards)
         log(
-            f"{len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
-            f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s)"
+            f"embed: {len(shards)} shards ({len(done)} already committed), {total_rows} rows, "
+            f"{plan.workers} {'GPU' if plan.num_gpus else 'CPU'} worker(s) -> {redact(output.url)}"
         )
         work = EmbedShardWork(
             output,
@@ -233,7 +318,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         receipts = {shard_id: receipt.to_dict() for shard_id, receipt in done.items()}
         stats = PoolStats()
         if todo:
-            stats = encode_shards(pool, work, todo, receipts, len(shards), spec, total_rows, done)
+            stats = encode_shards(pool, work, todo, receipts, len(shards), spec, total_rows, done, log)
 
     tokens = sum(r["tokens"] for r in receipts.values())
     padded = sum(r["padded_tokens"] for r in receipts.values())
@@ -266,7 +351,17 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     output.finish(manifest, expected={"": [s.shard_id for s in shards]})
     if not output.is_complete():
         raise StorageError(f"{redact(output.url)}: _SUCCESS was not written")
+    log(
+        f"embed: done: {summary['rows']} rows in {len(shards)} shards ({len(todo)} encoded now, {len(done)} "
+        f"already committed) in {clock(seconds)}; {redact(output.url)} is complete (_SUCCESS)"
+    )
     return summary
+
+
+def clock(seconds: float) -> str:
+    """``1:02:03`` for log lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def encode_shards(
@@ -278,14 +373,20 @@ def encode_shards(
     spec: EmbedSpec,
     total_rows: int,
     done: dict,
+    log=None,
 ):
-    """Every shard in ``todo`` on whichever encoder actor is free; receipts land in ``receipts``."""
+    """Every shard in ``todo`` on whichever encoder actor is free; receipts land in ``receipts``.
+
+    With ``progress`` a bar on stderr; without (job logs, where a bar is noise), one ``log`` line per
+    committed shard: shards and rows so far, this run's rate, and the time left at that rate."""
     from pipeline.runtime.actors import run_shards
     from pipeline.runtime.pool import ShardFailed
 
+    log = log or (lambda message: print(message, file=sys.stderr))
+    rows_so_far = sum(r.rows + r.details.get("skipped_rows", 0) for r in done.values())
     bar = tqdm(
         total=total_rows,
-        initial=sum(r.rows + r.details.get("skipped_rows", 0) for r in done.values()),
+        initial=rows_so_far,
         unit="rows",
         disable=not spec.progress,
         file=sys.stderr,
@@ -293,13 +394,25 @@ def encode_shards(
     )
     encode_started = time.perf_counter()
     new_tokens = 0
+    new_rows = 0
 
     def on_result(_key, shard: Shard, receipt: dict) -> None:
-        nonlocal new_tokens
+        nonlocal new_tokens, new_rows, rows_so_far
         receipts[shard.shard_id] = receipt
         new_tokens += receipt["tokens"]
+        new_rows += shard.rows
+        rows_so_far += shard.rows
+        elapsed = max(time.perf_counter() - encode_started, 1e-9)
         bar.update(shard.rows)
-        bar.set_postfix(tokens_s=f"{new_tokens / max(time.perf_counter() - encode_started, 1e-9):,.0f}")
+        bar.set_postfix(tokens_s=f"{new_tokens / elapsed:,.0f}")
+        if not spec.progress:
+            rate = new_rows / elapsed
+            eta = clock((total_rows - rows_so_far) / rate) if rate > 0 else "?"
+            log(
+                f"embed: shard {shard.shard_id} committed ({receipt['rows']} rows); {len(receipts)}/{shard_count} "
+                f"shards, {rows_so_far}/{total_rows} rows, {rate:,.0f} rows/s, "
+                f"{new_tokens / elapsed:,.0f} tokens/s, ETA {eta}"
+            )
 
     try:
         return pool.run_queue(
