@@ -882,6 +882,14 @@ def test_refused_feature_flow(built, plain: Path, tmp_path: Path) -> None:
     )
 
 
+def test_refused_wrong_embedding_dimension(plain: Path) -> None:
+    # sentence-transformers trusts Pooling's embedding_dimension (and reports it); the vectors have the
+    # backbone's size. embedpipe runs one text through the model at load and refuses the mismatch.
+    edit_json(plain / "1_Pooling" / "config.json", lambda c: c.update(embedding_dimension=48))
+    assert SentenceTransformer(str(plain), device="cpu").encode(["a"]).shape == (1, 32)
+    refused(plain, str(plain), "promise 48-dimensional embeddings", "computes 32", "embedding_dimension")
+
+
 def test_refused_tokenizer_without_pad_token(plain: Path) -> None:
     edit_json(plain / "tokenizer_config.json", lambda c: c.update(pad_token=None))
     tokenizer = json.loads((plain / "tokenizer.json").read_text())

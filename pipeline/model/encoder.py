@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pipeline.model.config import (
     ModelConfig,
+    ModelConfigError,
     RoleSettings,
     choose_prompt,
     load_model_config,
@@ -125,6 +126,7 @@ class Encoder:
         self.tokenizer = self.input_module.tokenizer
         self.max_seq_length = self.input_module.max_seq_length
         self.full_dim = self.chain.output_dim()
+        self.check_dim()
         if truncate_dim is not None and not 0 < truncate_dim <= (self.full_dim or 0):
             raise ValueError(f"truncate_dim must be between 1 and {self.full_dim}, got {truncate_dim}")
         # An explicit truncate_dim wins over config_sentence_transformers.json's, as in sentence-transformers,
@@ -137,6 +139,30 @@ class Encoder:
         self.default_prompt_name = config.default_prompt_name
         self.fingerprint = fingerprint(config.root, {"truncate_dim": truncate_dim})
         self.counters = EncodeCounters()
+
+    def check_dim(self) -> None:
+        """Run one short text through every route: the vectors must have the size the configs promise
+        (sentence-transformers trusts a Pooling's embedding_dimension; a wrong one fails here, not mid-job)."""
+        first = self.chain[0]
+        heads = (
+            [(first.input_module(r), first.routes[r]) for r in first.routes]
+            if isinstance(first, Router)
+            else [(first, first)]
+        )
+        for module, head in heads:
+            batch = module.collate(module.tokenize(["probe"]), np.arange(1))
+            with torch.inference_mode(), self.autocast():
+                features = head({k: v.to(self.device) for k, v in batch.items()})
+                for later in list(self.chain)[1:]:
+                    features = later(features)
+            dim = int(features["sentence_embedding"].shape[-1])
+            if self.full_dim is None:
+                self.full_dim = dim
+            if dim != self.full_dim:
+                raise ModelConfigError(
+                    f"{self.config.root}: the module configs promise {self.full_dim}-dimensional embeddings but "
+                    f"the model computes {dim} (check Pooling's embedding_dimension and Dense's out_features)"
+                )
 
     # -- description ---------------------------------------------------------------------------
 

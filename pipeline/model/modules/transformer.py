@@ -100,6 +100,7 @@ TEXT_CALL_KEYS = {
     "pad_to_multiple_of",
 }
 TEXT_IGNORED_KEYS = {"return_tensors", "logits_to_keep"}
+NO_LIMIT = 1 << 31  # model_max_length at or above this means "no limit" (transformers uses 1e30)
 CHAT_SIZE_KEYS = {"padding", "truncation", "max_length", "return_tensors"}  # apply_chat_template's own
 TRUNCATIONS = {True, False, "longest_first", "only_first", "only_second", "do_not_truncate"}
 # sentence-transformers' known message formats by model_type (base/modality.py).
@@ -373,7 +374,10 @@ class Transformer(InputModule):
             side = kwargs.pop("padding_side", None) or self._tokenizer.padding_side
             for key in ("padding", "pad_to_multiple_of", *TEXT_IGNORED_KEYS):
                 kwargs.pop(key, None)
-            if truncates(kwargs.get("truncation")) and kwargs.get("max_length") is None:
+            # No max_length: the tokenizer's own limit, as sentence-transformers leaves it to the tokenizer; a
+            # tokenizer without one reports a huge sentinel, which is no limit (and too big to pass on).
+            limited = self.max_seq_length < NO_LIMIT
+            if truncates(kwargs.get("truncation")) and kwargs.get("max_length") is None and limited:
                 kwargs["max_length"] = self.max_seq_length
             self._call_kwargs[task] = (kwargs, side)
         return self._call_kwargs[task]
@@ -512,7 +516,7 @@ class ChatTemplate:
         ids, types = encoded["input_ids"], encoded.get("token_type_ids")
         truncation = kwargs.get("truncation")
         if self.restore_suffix and truncates(truncation) and truncation != "do_not_truncate":
-            limit = kwargs.get("max_length") or 0
+            limit = kwargs.get("max_length") or self.tokenizer.model_max_length or 0
             suffix = self.suffix(prompt, task, kwargs)
             for row in ids:
                 keep = min(len(suffix), len(row))
