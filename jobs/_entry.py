@@ -43,7 +43,7 @@ def read_spec(cls: type, location: str, overrides: dict[str, Any]) -> Any:
 
 def main(job: str, argv: Sequence[str] | None = None) -> int:
     """Run ``job`` as a Ray job driver; 0 when it succeeded, 2 for a bad spec or a failed run."""
-    from pipeline.cli import JOBS, add_spec_arguments, resolve
+    from pipeline.cli import JOBS, HelpFormatter, add_spec_arguments, resolve
     from pipeline.io.storage import redact
     from pipeline.spec import SpecError
 
@@ -60,6 +60,7 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
         prog=prog,
         description=f"{help_text}. Run as a Ray job driver: RAY_ADDRESS (set by `ray job submit`) "
         "names the cluster. Flags override the spec's keys.",
+        formatter_class=HelpFormatter,
     )
     add_spec_arguments(parser, cls)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, with tracebacks")
@@ -79,7 +80,11 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
     try:
         summary = resolve(target)(spec)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(
+            f"{prog}: interrupted. What was committed is kept: submit the same job again to resume where it "
+            "stopped.",
+            file=sys.stderr,
+        )
         return 130
     except (
         Exception
