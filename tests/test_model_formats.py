@@ -646,6 +646,17 @@ def test_refused_module_types(plain: Path, type_name: str, why: str) -> None:
     refused(plain, str(plain / "modules.json"), "unknown module type", repr(type_name), why)
 
 
+def test_refused_module_needing_arguments(plain: Path) -> None:
+    # modules.json may list forward arguments a module wants from encode() (e.g. truncate_dim); embedpipe
+    # passes the role only.
+    edit_json(plain / "modules.json", lambda m: m[0].update(kwargs=["task", "truncate_dim"]))
+    refused(
+        plain, str(plain / "modules.json"), "declares forward argument(s) ['truncate_dim']", "cannot pass"
+    )
+    edit_json(plain / "modules.json", lambda m: m[0].update(kwargs=["task"]))
+    assert_parity(plain, "query_length / document_length", role="query")
+
+
 SBERT = "sentence_bert_config.json"
 
 

@@ -56,6 +56,7 @@ DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 # sentence-transformers always defines these (empty unless the model sets them).
 DEFAULT_PROMPTS = {"query": "", "document": ""}
 ST_MODEL_TYPE = "SentenceTransformer"
+ROLE_KWARGS = {"task", "modality"}  # the forward arguments sentence-transformers passes by itself
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,13 @@ def read_modules(root: Path) -> tuple[ModuleSpec, ...]:
     specs: list[ModuleSpec] = []
     for entry in entries:
         type_name = entry.get("type", "")
+        kwargs = entry.get("kwargs") or []
+        extra = sorted(set(kwargs) - ROLE_KWARGS) if isinstance(kwargs, list) else kwargs
+        if extra:
+            raise ModelConfigError(
+                f"{modules_path}: module {entry.get('name', entry.get('idx'))!r} ({type_name}) declares forward "
+                f"argument(s) {extra} that embedpipe cannot pass (only the role, as 'task')"
+            )
         cls = module_class(type_name, modules_path)
         folder = module_dir(root, entry.get("path", "") or "", modules_path)
         specs.append(ModuleSpec(cls, cls.read_config(folder), type_name))
