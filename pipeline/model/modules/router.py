@@ -201,10 +201,12 @@ class Router(InputModule):
     def describe(self) -> dict[str, Any]:
         routes = {}
         for route, chain in self.routes.items():
-            routes[route] = [
-                {"id": module_id, "type": type(module).__name__, **module.describe()}
-                for module_id, module in zip(self.config.structure[route], chain, strict=True)
-            ]
+            routes[route] = []
+            for module_id, module in zip(self.config.structure[route], chain, strict=True):
+                settings = {"id": module_id, "type": type(module).__name__, **module.describe()}
+                if (param := next(module.parameters(), None)) is not None:
+                    settings["dtype"] = str(param.dtype).removeprefix("torch.")
+                routes[route].append(settings)
         mappings = {
             f"role={task!r}, modality={modality!r}": r
             for (task, modality), r in self.config.route_mappings.items()

@@ -339,6 +339,8 @@ class Transformer(InputModule):
             "padding_side": self.call_kwargs(None)[1],
             "prompt": self.chat.placement if self.chat else "prepended to the text",
         }
+        if self.chat is not None:
+            settings["chat_template_gets_role"] = self.chat.declares_task
         if config.query_length is not None or config.document_length is not None:
             settings["query_length"] = config.query_length
             settings["document_length"] = config.document_length
