@@ -79,10 +79,10 @@ def check_compatible(spec: MineSpec, saved: dict, storage_options: dict) -> None
 
 def run_from_candidates(spec: MineSpec, log) -> dict:
     from pipeline.tasks.mine.job import (
+        OWNED,
         check_output_columns,
         committed_blocks,
         finish,
-        is_mine_file,
         load_duplicates,
         mining_options,
         with_defaults,
@@ -134,9 +134,7 @@ def run_from_candidates(spec: MineSpec, log) -> dict:
             "columns": [inputs.anchor_column, inputs.positive_column],
         }
     )
-    output.claim(
-        "mine", key, {"from_candidates": source.url}, overwrite=spec.overwrite, owned=is_mine_file, log=log
-    )
+    output.claim("mine", key, {"from_candidates": source.url}, overwrite=spec.overwrite, owned=OWNED, log=log)
     done = committed_blocks(output, len(blocks), False)
     todo = [n for n in range(len(blocks)) if n not in done]
     log(
@@ -207,7 +205,7 @@ def refilter(spec, plan, writer, source, available, blocks, todo, done, k, stora
             for number in todo:
                 block = CandidateBlock.from_table(source.read_part(available[number]), number).window(k)
                 start = blocks[number]
-                stop = min(start + (blocks[1] if len(blocks) > 1 else plan.anchors), plan.anchors)
+                stop = blocks[number + 1] if number + 1 < len(blocks) else plan.anchors
                 if block.start != start or block.anchors != stop - start:
                     raise DatasetError(
                         f"{redact(source.url_of(available[number].part))}: holds anchors {block.start}.."

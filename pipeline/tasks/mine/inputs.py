@@ -267,7 +267,7 @@ def scan_inputs(
     """Read every piece once: check the texts, digest them, hash them; group the hashes as ST groups the
     texts. ``on_corpus_hashes`` gets the distinct corpus texts' hashes (corpus-index order) before they are
     dropped (to map a dedup output onto corpus indices)."""
-    corpus_digest, pairs_digest = hashlib.sha256(), hashlib.sha256()
+    corpus_digest, anchors_digest, positives_digest = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     extra_hashes = []
     for piece in inputs.extra:
         table = piece.read([inputs.extra_column], storage_options)
@@ -278,8 +278,8 @@ def scan_inputs(
         anchors = texts_of(table, inputs.anchor_column, piece)
         positives = texts_of(table, inputs.positive_column, piece)
         del table
-        anchor_hashes.append(text_hashes(anchors, pairs_digest))
-        positive_hashes.append(text_hashes(positives, pairs_digest))
+        anchor_hashes.append(text_hashes(anchors, anchors_digest))
+        positive_hashes.append(text_hashes(positives, positives_digest))
     n_extra = sum(len(h) for h in extra_hashes)
     corpus_hashes = (
         np.concatenate([*extra_hashes, *positive_hashes])
@@ -322,7 +322,9 @@ def scan_inputs(
         positive_ptr=ptr,
         positive_idx=idx,
         chunks=chunks,
-        pairs_digest=pairs_digest.hexdigest(),
+        pairs_digest=hashlib.sha256(
+            f"{anchors_digest.hexdigest()} {positives_digest.hexdigest()}".encode()
+        ).hexdigest(),
         corpus_digest=corpus_digest.hexdigest(),
         pair_offsets=offsets_of(inputs.pairs),
     )

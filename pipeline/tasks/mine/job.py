@@ -23,6 +23,7 @@ models the two agree); ``exclude_duplicates`` and ``max_positive_similarity`` ar
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 from dataclasses import asdict, replace
@@ -86,16 +87,21 @@ def prompts_for(spec: MineSpec, description: dict) -> tuple[str, str]:
     )
 
 
+# The top-level names a mining output owns (glob patterns, recorded in _plan.json): what --overwrite removes.
+OWNED = (
+    "part-*",
+    SUCCESS_FILE,
+    PLAN_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    RECEIPTS_DIR,
+    SCORES_DIR,
+    CANDIDATES_DIR,
+)
+
+
 def is_mine_file(name: str) -> bool:
-    return name.startswith("part-") or name in (
-        SUCCESS_FILE,
-        PLAN_FILE,
-        MANIFEST_FILE,
-        REPORT_FILE,
-        RECEIPTS_DIR,
-        SCORES_DIR,
-        CANDIDATES_DIR,
-    )
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED)
 
 
 def check_output_columns(options: rules.MiningOptions, anchor_col: str, positive_col: str) -> None:
@@ -319,7 +325,7 @@ def run_mine(spec: MineSpec, log=None) -> dict:
             "anchors": plan.anchors,
             "anchors_per_block": spec.anchors_per_block,
         }
-    output.claim("mine", key, stored, overwrite=spec.overwrite, owned=is_mine_file, log=log)
+    output.claim("mine", key, stored, overwrite=spec.overwrite, owned=OWNED, log=log)
 
     blocks = list(range(0, plan.anchors, spec.anchors_per_block))
     done = committed_blocks(output, len(blocks), spec.save_candidates)
