@@ -301,6 +301,25 @@ def test_static_embedding(built) -> None:
     assert ours.max_seq_length is None and ours.describe()["pooling"] == []
 
 
+def test_static_embedding_model2vec_weights(built, tmp_path: Path) -> None:
+    # model2vec's layout (a smaller table, a token -> row mapping, per-token weights): both fold it alike.
+    from safetensors.torch import load_file, save_file
+
+    path = copy_of(built, "static", tmp_path)
+    table = load_file(str(path / "model.safetensors"))["embedding.weight"]
+    rows = torch.arange(table.shape[0]) % 5000
+    save_file(
+        {
+            "embeddings": table[:5000].contiguous(),
+            "mapping": rows,
+            "weights": torch.rand(table.shape[0]) + 0.5,
+        },
+        str(path / "model.safetensors"),
+    )
+    _, ours, _ = assert_parity(path, "StaticEmbedding (model2vec weights)")
+    assert ours.describe()["module_settings"][0]["vocab_size"] == 30522
+
+
 def test_router_static_query_transformer_document(built) -> None:
     path = built("router-static")
     for role in ROLES:
