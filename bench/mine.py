@@ -21,6 +21,15 @@ model (packaged all-MiniLM-L6-v2) makes encoding the bulk of the work; the tiny 
 
     .venv/bin/python bench/mine.py --model real --pairs 2000 --workers 1 --json /tmp/mine-real.json
     .venv/bin/python bench/mine.py --model tiny --pairs 50000 --workers 1 --json /tmp/mine-tiny.json
+
+Driver memory (``--driver-memory``): ours only, the same job at each ``--pairs`` size (comma-separated),
+reporting the *driver's own* peak RSS (the ``embedpipe mine`` process, not Ray's daemons or the actors:
+``VmHWM`` from /proc, polled every 0.2 s until it exits) next to the tree's. ``--share-positives K`` gives
+every K consecutive pairs the same positive, so the corpus (distinct positives) is a K-th of the pairs
+and the exact search stays affordable on a CPU at 500k pairs:
+
+    .venv/bin/python bench/mine.py --driver-memory --model tiny --pairs 50000,500000 --share-positives 10 \
+        --text-chars 200 --json /tmp/mine-driver.json
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("EMBEDPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def build_pairs(n: int, text_chars: int, path: Path) -> None:
+def build_pairs(n: int, text_chars: int, path: Path, share_positives: int = 1) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -59,7 +68,9 @@ def build_pairs(n: int, text_chars: int, path: Path) -> None:
         rows_q += [q + suffix for q in queries[:take]]
         rows_p += [p + suffix for p in positives[:take]]
         copy += 1
-    pq.write_table(pa.table({"query": rows_q, "positive": rows_p}), path)
+    if share_positives > 1:  # every K consecutive pairs share the first one's positive
+        rows_p = [rows_p[i - i % share_positives] for i in range(len(rows_p))]
+    pq.write_table(pa.table({"query": rows_q, "positive": rows_p}), path, row_group_size=16384)
 
 
 def model_path(kind: str, work: Path) -> Path:
@@ -83,6 +94,7 @@ class TreePeak:
         self.psutil, self.root, self.interval = psutil, psutil.Process(pid), interval
         self.peak_rss = self.peak_pss = 0
         self.peak_processes = 0
+        self.root_rss = self.root_hwm = 0  # the root process alone (the driver): polled RSS, kernel's VmHWM
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -92,6 +104,14 @@ class TreePeak:
             procs = [self.root, *self.root.children(recursive=True)]
         except self.psutil.Error:
             return
+        try:
+            self.root_rss = max(self.root_rss, self.root.memory_info().rss)
+            with open(f"/proc/{self.root.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        self.root_hwm = max(self.root_hwm, int(line.split()[1]) * 1024)
+        except (self.psutil.Error, OSError, ValueError):
+            pass
         rss = pss = 0
         for proc in procs:
             try:
@@ -115,6 +135,7 @@ class TreePeak:
             "peak_rss_mb": round(self.peak_rss / 2**20),
             "peak_pss_mb": round(self.peak_pss / 2**20),
             "peak_processes": self.peak_processes,
+            "driver_peak_rss_mb": round(max(self.root_rss, self.root_hwm) / 2**20, 1),
         }
 
 
@@ -175,7 +196,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="real", help="real, tiny, or a model directory")
-    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--pairs", default="2000", help="pairs (with --driver-memory: comma-separated sizes)")
+    parser.add_argument("--share-positives", type=int, default=1, help="K consecutive pairs share a positive")
+    parser.add_argument(
+        "--driver-memory", action="store_true", help="ours only: the driver's peak RSS per size"
+    )
     parser.add_argument("--text-chars", type=int, default=600, help="cut positives to this many characters")
     parser.add_argument("--workers", type=int, default=1, help="--workers for embedpipe mine")
     parser.add_argument(
@@ -190,11 +215,15 @@ def main() -> None:
     if args.st_side:
         st_main(args)
         return
+    if args.driver_memory:
+        driver_memory(args)
+        return
+    args.pairs = int(args.pairs)
 
     work = Path(tempfile.mkdtemp(prefix="bench-mine-"))
     try:
         pairs = work / "pairs.parquet"
-        build_pairs(args.pairs, args.text_chars, pairs)
+        build_pairs(args.pairs, args.text_chars, pairs, args.share_positives)
         model = model_path(args.model, work)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env["HF_HUB_OFFLINE"] = "1"
@@ -261,6 +290,73 @@ def main() -> None:
         result["pss_ratio"] = round(
             result["median"]["ours"]["peak_pss_mb"] / result["median"]["st"]["peak_pss_mb"], 2
         )
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ours_command(model: Path, pairs: Path, out_dir: Path, workers: int) -> list[str]:
+    script = Path(sys.executable).with_name("embedpipe")
+    return [
+        str(script),
+        "mine",
+        "--model",
+        str(model),
+        "--input",
+        str(pairs),
+        "--output",
+        str(out_dir),
+        "--anchor-column",
+        "query",
+        "--positive-column",
+        "positive",
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
+
+
+def driver_memory(args: argparse.Namespace) -> None:
+    """The same job at each size; the driver's peak RSS (VmHWM) and the tree's, per size."""
+    sizes = [int(x) for x in str(args.pairs).split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-mine-driver-"))
+    try:
+        model = model_path(args.model, work)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        env["HF_HUB_OFFLINE"] = "1"
+        results = []
+        for size in sizes:
+            pairs, out_dir = work / f"pairs-{size}.parquet", work / f"out-{size}"
+            build_pairs(size, args.text_chars, pairs, args.share_positives)
+            run = run_side(ours_command(model, pairs, out_dir, args.workers), env, work / f"ours-{size}.log")
+            report = json.loads((out_dir / "report.json").read_text())
+            results.append(
+                dict(
+                    run,
+                    pairs=size,
+                    anchors=report["anchors_in"],
+                    corpus=report["corpus_size"],
+                    rows_out=report["rows_out"],
+                    parts=report["parts"],
+                    timings=report["timings"],
+                )
+            )
+            print(json.dumps(results[-1]), flush=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        first, last = results[0]["driver_peak_rss_mb"], results[-1]["driver_peak_rss_mb"]
+        result = {
+            "command": " ".join([Path(sys.executable).name, "bench/mine.py", *sys.argv[1:]]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.1f} at the end",
+            "model": args.model,
+            "text_chars": args.text_chars,
+            "share_positives": args.share_positives,
+            "workers": args.workers,
+            "sizes": results,
+            "driver_growth": round(last / first - 1, 4),
+        }
         print(json.dumps(result, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
