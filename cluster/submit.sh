@@ -10,7 +10,9 @@ usage: cluster/submit.sh JOB SPEC [RAY_ADDRESS]
   RAY_ADDRESS  Ray dashboard address; default $RAY_ADDRESS, else http://127.0.0.1:8265
 AWS credentials are never passed here: the cluster's containers read them from their own
 environment (Kubernetes Secret, instance profile, docker-compose). For a cluster with token
-authentication, export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN first.
+authentication (KubeRay authOptions, or a `ray start --head` on a machine with ~/.ray/auth_token),
+export RAY_AUTH_MODE=token and the token first (RAY_AUTH_TOKEN, or ~/.ray/auth_token on this
+machine); otherwise the submission fails with "Missing authentication token". See cluster/README.md.
 USAGE
   exit 2
 }

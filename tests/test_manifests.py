@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import zoneinfo
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,12 @@ INFRA = ROOT / "infra"
 SUBMIT = CLUSTER / "submit.sh"
 JOBS = ("embed", "dedup", "mine", "reembed")
 
-K8S_FILES = ["raycluster.yaml", *(f"rayjob-{job}.yaml" for job in JOBS), "cronjob-reembed.yaml"]
+K8S_FILES = [
+    "raycluster.yaml",
+    *(f"rayjob-{job}.yaml" for job in JOBS),
+    "cronjob-reembed.yaml",
+    "raycronjob-reembed.yaml",
+]
 YAML_FILES = sorted(p for d in (CLUSTER, INFRA) for p in [*d.glob("*.yaml"), *d.glob("*.yml")])
 
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -96,7 +102,8 @@ def cron_errors(schedule: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "schedule", ["0 2 * * *", "*/15 0-6,22-23 * JAN-mar mon-fri", "5 4 1,15 */2 SUN", "@daily", "0-59/5 * * * *"]
+    "schedule",
+    ["0 2 * * *", "*/15 0-6,22-23 * JAN-mar mon-fri", "5 4 1,15 */2 SUN", "@daily", "0-59/5 * * * *"],
 )
 def test_cron_validator_accepts(schedule):
     assert cron_errors(schedule) == []
@@ -104,8 +111,21 @@ def test_cron_validator_accepts(schedule):
 
 @pytest.mark.parametrize(
     "schedule",
-    ["60 2 * * *", "0 24 * * *", "0 2 0 * *", "0 2 * 13 *", "0 2 * * 7", "0 2 * *", "0 2 * * * *",
-     "*/0 * * * *", "5-1 * * * *", "0 2 * foo *", "0 2 * * mon-", "a b c d e", ""],
+    [
+        "60 2 * * *",
+        "0 24 * * *",
+        "0 2 0 * *",
+        "0 2 * 13 *",
+        "0 2 * * 7",
+        "0 2 * *",
+        "0 2 * * * *",
+        "*/0 * * * *",
+        "5-1 * * * *",
+        "0 2 * foo *",
+        "0 2 * * mon-",
+        "a b c d e",
+        "",
+    ],
 )
 def test_cron_validator_rejects(schedule):
     assert cron_errors(schedule)
@@ -199,8 +219,12 @@ def check_ray_job(job: dict, docs: list[dict], expected_job: str) -> None:
     head_pod = cluster["headGroupSpec"]["template"]["spec"]
     volumes = {v["name"]: v for v in head_pod.get("volumes", [])}
     spec_path = Path(m["spec"])
-    mounts = [vm for c in head_pod["containers"] for vm in c.get("volumeMounts", [])
-              if Path(vm["mountPath"]) == spec_path.parent]
+    mounts = [
+        vm
+        for c in head_pod["containers"]
+        for vm in c.get("volumeMounts", [])
+        if Path(vm["mountPath"]) == spec_path.parent
+    ]
     assert len(mounts) == 1, f"{spec_path} is not under exactly one volumeMount of the head"
     configmap_name = volumes[mounts[0]["name"]]["configMap"]["name"]
     configmaps = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
@@ -257,8 +281,10 @@ def test_reembed_cronjob():
     ]
     assert all(s.get("namespace") for s in binding["subjects"]), "ServiceAccount subjects need a namespace"
     rules = roles[binding["roleRef"]["name"]]["rules"]
-    assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"]
-               and {"create", "get"} <= set(r["verbs"]) for r in rules)
+    assert any(
+        "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and {"create", "get"} <= set(r["verbs"])
+        for r in rules
+    )
 
     # The RayJob it creates comes from a ConfigMap mounted into the pod, with a fresh name per run.
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -273,6 +299,248 @@ def test_reembed_cronjob():
     check_ray_job(rayjob, docs, "reembed")
 
 
+# ------------------------------------------------------------------- KubeRay CRD schema (strict)
+
+# KubeRay v1.7.0's RayCronJob openAPIV3Schema; see tests/data/kuberay/README.md for its source.
+RAYCRONJOB_SCHEMA = ROOT / "tests" / "data" / "kuberay" / "raycronjob-v1.7.0.schema.json"
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+# What the API server accepts in a manifest's own metadata (ObjectMeta fields a manifest may set).
+OBJECT_META = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "generateName": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def raycronjob_schema() -> dict:
+    return json.loads(RAYCRONJOB_SCHEMA.read_text())
+
+
+def schema_errors(value, schema: dict, path: str = "") -> list[str]:
+    """Where ``value`` breaks a Kubernetes structural schema, strictly: a field the schema does not define
+    is an error (kubectl --validate=strict refuses it; the API server would drop it silently) unless the
+    schema preserves unknown fields. Checks type, properties, additionalProperties, required, enum, pattern,
+    lengths, minimum, int32/int64 ranges, int-or-string, list-type map/set uniqueness. A CEL rule
+    (x-kubernetes-validations) cannot be evaluated here: a value that reaches one is reported, so that it
+    is checked by hand."""
+    where = path or "(root)"
+    errors = [
+        f"{where}: CEL rule not checked here: {rule['rule']}"
+        for rule in schema.get("x-kubernetes-validations", [])
+    ]
+    if schema.get("x-kubernetes-int-or-string"):
+        if not (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+            return [*errors, f"{where}: expected an integer or a string, got {value!r}"]
+    elif "anyOf" in schema and not any(not schema_errors(value, option, path) for option in schema["anyOf"]):
+        errors.append(f"{where}: {value!r} matches none of {schema['anyOf']}")
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict):
+            return [*errors, f"{where}: expected an object, got {value!r}"]
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            if key in properties:
+                errors += schema_errors(item, properties[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                errors += schema_errors(item, extra, f"{path}.{key}")
+            elif not (extra is True or schema.get("x-kubernetes-preserve-unknown-fields")):
+                errors.append(
+                    f"{path}.{key}: unknown field (known: {', '.join(sorted(properties)) or 'none'})"
+                )
+        errors += [f"{path}.{key}: required" for key in schema.get("required", []) if key not in value]
+    elif kind == "array":
+        if not isinstance(value, list):
+            return [*errors, f"{where}: expected a list, got {value!r}"]
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: fewer than {schema['minItems']} items")
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), f"{path}[{i}]")
+        list_type = schema.get("x-kubernetes-list-type")
+        if list_type in ("map", "set"):
+            keys = schema.get("x-kubernetes-list-map-keys", [])
+            seen = [
+                tuple(item.get(k) for k in keys)
+                if list_type == "map" and isinstance(item, dict)
+                else repr(item)
+                for item in value
+            ]
+            if len(set(seen)) != len(seen):
+                errors.append(
+                    f"{where}: duplicate {'keys ' + str(keys) if keys else 'items'} in a list-type {list_type}"
+                )
+    elif kind == "string" or (schema.get("x-kubernetes-int-or-string") and isinstance(value, str)):
+        if not isinstance(value, str):
+            return [*errors, f"{where}: expected a string, got {value!r}"]
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            errors.append(f"{where}: length {len(value)} outside the schema's limits")
+    elif kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [*errors, f"{where}: expected an integer, got {value!r}"]
+        low, high = {"int32": INT32, "int64": INT64}.get(schema.get("format"), (None, None))
+        if low is not None and not low <= value <= high:
+            errors.append(f"{where}: {value} is outside {schema['format']}")
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{where}: {value} is below the minimum {schema['minimum']}")
+    elif kind == "number":
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return [*errors, f"{where}: expected a number, got {value!r}"]
+    elif kind == "boolean" and not isinstance(value, bool):
+        return [*errors, f"{where}: expected true or false, got {value!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    return errors
+
+
+def resource_errors(doc: dict, schema: dict) -> list[str]:
+    """A whole custom resource: its body against the CRD's schema, its metadata against ObjectMeta."""
+    body = {k: v for k, v in doc.items() if k != "metadata"}
+    return schema_errors(doc.get("metadata", {}), OBJECT_META, ".metadata") + schema_errors(body, schema)
+
+
+def rayjob_spec_schema() -> dict:
+    """KubeRay's RayJobSpec, as the RayCronJob CRD embeds it (spec.jobTemplate)."""
+    return raycronjob_schema()["properties"]["spec"]["properties"]["jobTemplate"]
+
+
+def kuberay_rayjob_rules(spec: dict) -> list[str]:
+    """The RayJob spec checks of KubeRay's ValidateRayJobSpec that apply to these manifests."""
+    problems = []
+    if spec.get("ttlSecondsAfterFinished", 0) < 0:
+        problems.append("ttlSecondsAfterFinished must not be negative")
+    if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        problems.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+    if spec.get("activeDeadlineSeconds") is not None and spec["activeDeadlineSeconds"] <= 0:
+        problems.append("activeDeadlineSeconds must be positive")
+    if spec.get("rayClusterSpec") is None and not spec.get("clusterSelector"):
+        problems.append("one of rayClusterSpec or clusterSelector must be set")
+    if (spec.get("rayClusterSpec") or {}).get("authOptions", {}).get("enableK8sTokenAuth"):
+        problems.append("K8s token auth is not supported for a RayJob")
+    return problems
+
+
+def test_schema_validator_catches_what_kubernetes_refuses():
+    schema = raycronjob_schema()
+    good = load(CLUSTER / "raycronjob-reembed.yaml")[1]
+    assert resource_errors(good, schema) == []
+
+    def errors_after(change) -> list[str]:
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        return resource_errors(doc, schema)
+
+    cluster = lambda d: d["spec"]["jobTemplate"]["rayClusterSpec"]  # noqa: E731
+    head = lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    cases = {
+        "unknown top-level spec field": (
+            lambda d: d["spec"].update(concurrencyPolicy="Forbid"),
+            ".spec.concurrencyPolicy: unknown field",
+        ),
+        "unknown container field": (
+            lambda d: head(d).update(imagePullPolicyy="Always"),
+            "imagePullPolicyy: unknown field",
+        ),
+        "unknown metadata field": (
+            lambda d: d["metadata"].update(label={"a": "b"}),
+            ".metadata.label: unknown field",
+        ),
+        "missing schedule": (lambda d: d["spec"].pop("schedule"), ".spec.schedule: required"),
+        "string for an integer": (
+            lambda d: cluster(d)["workerGroupSpecs"][0].update(replicas="1"),
+            "expected an integer, got '1'",
+        ),
+        "enum": (lambda d: cluster(d)["authOptions"].update(mode="tokens"), "'tokens' is not one of"),
+        "quantity pattern": (
+            lambda d: head(d)["resources"]["limits"].update(memory="8 GB"),
+            "does not match",
+        ),
+        "int32 range": (
+            lambda d: d["spec"]["jobTemplate"].update(activeDeadlineSeconds=2**31),
+            "outside int32",
+        ),
+        "duplicate container names": (
+            lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"].append(dict(head(d))),
+            "duplicate keys ['name']",
+        ),
+        "list for an object": (lambda d: cluster(d).update(headGroupSpec=[]), "expected an object"),
+        "a field carrying a CEL rule": (
+            lambda d: d["spec"]["jobTemplate"].update(managedBy="ray.io/kuberay-operator"),
+            "CEL rule not checked here",
+        ),
+    }
+    for name, (change, message) in cases.items():
+        found = errors_after(change)
+        assert any(message in e for e in found), (name, found)
+    assert errors_after(lambda d: head(d)["resources"]["limits"].update(cpu=2)) == [], (
+        "int-or-string takes ints"
+    )
+
+
+def test_raycronjob_matches_the_kuberay_crd():
+    """cluster/raycronjob-reembed.yaml against KubeRay 1.7's RayCronJob CRD, strictly (no unknown fields), plus
+    the checks KubeRay's controller makes (ValidateRayCronJobSpec) and this project's own rules for a RayJob."""
+    docs = load(CLUSTER / "raycronjob-reembed.yaml")
+    (cron,) = by_kind(docs, "RayCronJob")
+    assert cron["apiVersion"] == "ray.io/v1"
+    assert resource_errors(cron, raycronjob_schema()) == []
+
+    # The controller: name short enough for the RayJob (-<minutes>) and its RayCluster; a standard schedule
+    # without TZ=; a time zone the operator can load; the RayJob spec rules.
+    assert len(cron["metadata"]["name"]) <= 36
+    spec = cron["spec"]
+    assert (
+        spec["schedule"] == "0 2 * * *"
+        and cron_errors(spec["schedule"]) == []
+        and "TZ" not in spec["schedule"]
+    )
+    zoneinfo.ZoneInfo(spec["timeZone"])
+    assert kuberay_rayjob_rules(spec["jobTemplate"]) == []
+    assert spec.get("suspend") is not True, "the nightly run is scheduled"
+
+    # This project's RayJob rules (entrypoint, head mounts the spec from a ConfigMap of this file, versions).
+    check_ray_job({"spec": spec["jobTemplate"]}, docs, "reembed")
+
+    # One nightly spec: the same as the CronJob variant's (same ConfigMap name, same content).
+    (spec_map,) = by_kind(docs, "ConfigMap")
+    cron_maps = {
+        d["metadata"]["name"]: d for d in by_kind(load(CLUSTER / "cronjob-reembed.yaml"), "ConfigMap")
+    }
+    assert spec_map == cron_maps[spec_map["metadata"]["name"]]
+
+
+def test_rayjob_and_raycluster_specs_match_the_kuberay_schema():
+    """Every RayJob spec (rayjob-*.yaml and the CronJob's template) against KubeRay 1.7's RayJobSpec, and
+    raycluster.yaml against its RayClusterSpec, as the RayCronJob CRD defines them; strict."""
+    job_schema = rayjob_spec_schema()
+    found = {}
+    for job in JOBS:
+        (doc,) = by_kind(load(CLUSTER / f"rayjob-{job}.yaml"), "RayJob")
+        found[f"rayjob-{job}.yaml"] = doc
+    docs = load(CLUSTER / "cronjob-reembed.yaml")
+    for configmap in by_kind(docs, "ConfigMap"):
+        for key, text in configmap["data"].items():
+            doc = yaml.safe_load(text)
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                found[f"cronjob-reembed.yaml: {key}"] = doc
+    assert len(found) == len(JOBS) + 1
+    for where, doc in found.items():
+        errors = schema_errors(doc.get("metadata", {}), OBJECT_META, ".metadata")
+        errors += schema_errors(doc["spec"], job_schema, ".spec")
+        assert errors == [] and kuberay_rayjob_rules(doc["spec"]) == [], (where, errors)
+    (raycluster,) = by_kind(load(CLUSTER / "raycluster.yaml"), "RayCluster")
+    cluster_schema = job_schema["properties"]["rayClusterSpec"]
+    assert schema_errors(raycluster["spec"], cluster_schema, ".spec") == []
+    assert schema_errors(raycluster["metadata"], OBJECT_META, ".metadata") == []
+
+
 # ------------------------------------------------------------------------------ launcher and compose
 
 
@@ -284,8 +552,10 @@ def test_cluster_launcher():
     assert cfg["head_node_type"] in types
     assert types[cfg["head_node_type"]]["resources"].get("CPU") == 0, "no work lands on the head"
     gpu_types = [
-        name for name, t in types.items()
-        if t.get("resources", {}).get("GPU", 0) >= 1 or re.match(r"^(g|p)\d", t["node_config"]["InstanceType"])
+        name
+        for name, t in types.items()
+        if t.get("resources", {}).get("GPU", 0) >= 1
+        or re.match(r"^(g|p)\d", t["node_config"]["InstanceType"])
     ]
     assert gpu_types, "a GPU worker node type"
     for name, t in types.items():
@@ -339,8 +609,9 @@ def test_dockerfile():
 
 
 def run_submit(*args, cwd=ROOT, env=None):
-    return subprocess.run(["bash", str(SUBMIT), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(SUBMIT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_submit_syntax_and_mode():
@@ -362,10 +633,16 @@ def stub_ray(tmp_path):
     log = tmp_path / "argv.json"
     stub = tmp_path / "bin" / "ray"
     stub.parent.mkdir()
-    stub.write_text(f'#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open("{log}", "w"))\n')
+    stub.write_text(
+        f'#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open("{log}", "w"))\n'
+    )
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
-           "AWS_SECRET_ACCESS_KEY": "sentinel-secret-value", "AWS_ACCESS_KEY_ID": "sentinel-key-id"}
+    env = {
+        **os.environ,
+        "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+        "AWS_SECRET_ACCESS_KEY": "sentinel-secret-value",
+        "AWS_ACCESS_KEY_ID": "sentinel-key-id",
+    }
     env.pop("RAY_ADDRESS", None)
     return env, log
 
@@ -377,8 +654,15 @@ def test_submit_command_line(stub_ray, job):
     result = run_submit(job, "raycluster.yaml", "http://head:8265", cwd=CLUSTER, env=env)
     assert result.returncode == 0, result.stderr
     argv = json.loads(log.read_text())
-    assert argv[:7] == ["job", "submit", "--address", "http://head:8265", "--working-dir", ".",
-                        "--runtime-env-json"]
+    assert argv[:7] == [
+        "job",
+        "submit",
+        "--address",
+        "http://head:8265",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+    ]
     excludes = json.loads(argv[7])["excludes"]
     assert {".git", ".venv"} <= set(excludes)
     assert argv[8:] == ["--", "python", "-m", f"jobs.{job}", "--spec", "cluster/raycluster.yaml"]
@@ -438,8 +722,12 @@ def _literal_secret_env(node) -> list[str]:
         return []
     found = [f for v in node.values() for f in _literal_secret_env(v)]
     name = node.get("name")
-    if (isinstance(name, str) and re.fullmatch(SECRET_NAMES, name, re.I) and "value" in node
-            and not is_placeholder(str(node["value"]))):
+    if (
+        isinstance(name, str)
+        and re.fullmatch(SECRET_NAMES, name, re.I)
+        and "value" in node
+        and not is_placeholder(str(node["value"]))
+    ):
         found.append(f"{name}: {node['value']}")
     return found
 
