@@ -54,9 +54,20 @@ class EncodeOptions:
     id_column: str | None = opt(None, "column holding the ids (default: 'id' when present, else file:row)")
     prompt_name: str | None = opt(None, "prompt name from the model's config")
     prompt: str | None = opt(None, "literal prompt prepended to every text")
+    role: str | None = opt(
+        None,
+        "encode the texts as queries or documents: the model's prompt, Router route and length for that role, "
+        "as sentence-transformers' encode_query / encode_document (default: plain encode)",
+        ("query", "document"),
+    )
     truncate_dim: int | None = opt(None, "keep the first N dimensions (Matryoshka)")
     max_batch_tokens: int | None = opt(None, "padded tokens per forward batch")
-    dtype: str = opt("auto", "GPU compute dtype", ("auto", "float32", "float16", "bfloat16"))
+    dtype: str = opt(
+        "auto",
+        "weights and compute dtype (auto: the checkpoint's own dtype; float32 weights run exact float32 on CPU "
+        "and bf16 autocast on GPU)",
+        ("auto", "float32", "float16", "bfloat16"),
+    )
     allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
     model_name: str | None = opt(
         None,

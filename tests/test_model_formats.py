@@ -956,3 +956,29 @@ def test_report_max_differences() -> None:
         "MAX_DIFFERENCES",
         json.dumps({k: {n: f"{v:.2e}" for n, v in d.items()} for k, d in MAX_DIFFERENCES.items()}, indent=1),
     )
+
+
+@pytest.mark.parametrize("role", ["query", "document"])
+def test_embed_job_with_a_role_equals_sentence_transformers(ray_local, tmp_path, role) -> None:
+    """`embed --role` through the whole job (a Router model: a static route for queries, a transformer with
+    document_length for documents) gives sentence-transformers' encode_query / encode_document vectors,
+    and records the role in the parts' metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.dataset import dataset_metadata, embeddings_of, read_dataset
+    from pipeline.spec import EmbedSpec, build_spec
+    from pipeline.tasks.embed import run_embed
+
+    model = static_and_transformer_router(tmp_path / "router")
+    texts = TEXTS[:64]
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "c.parquet")
+    out = str(tmp_path / "out")
+    run_embed(build_spec(EmbedSpec, {"model": str(model), "input": [str(tmp_path / "c.parquet")], "output": out,
+                                     "role": role, "rows_per_shard": 20, "progress": False}), log=lambda _m: None)
+    got = embeddings_of(read_dataset(out))
+    reference = SentenceTransformer(str(model), device="cpu")
+    want = getattr(reference, f"encode_{role}")(texts, batch_size=32, convert_to_numpy=True)
+    noise = np.abs(want - getattr(reference, f"encode_{role}")(texts, batch_size=1, convert_to_numpy=True)).max()
+    assert np.abs(got - want).max() <= 1.5 * max(float(noise), 1e-5)
+    assert dataset_metadata(out, None)["role"] == role

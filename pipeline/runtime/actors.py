@@ -54,13 +54,13 @@ class EncoderActor:
     def describe(self) -> dict:
         return dict(self.encoder.describe(), node=ray.get_runtime_context().get_node_id(), pid=os.getpid())
 
-    def encode(self, texts: list[str], prompt: str | None = None) -> Any:
-        return self.encoder.encode(texts, prompt=prompt)
+    def encode(self, texts: list[str], prompt: str | None = None, role: str | None = None) -> Any:
+        return self.encoder.encode(texts, prompt=prompt, role=role)
 
-    def encode_counted(self, texts: list[str], prompt: str | None = None) -> tuple[int, Any]:
+    def encode_counted(self, texts: list[str], prompt: str | None = None, role: str | None = None) -> tuple[int, Any]:
         """(rows, vectors). Called with ``.options(num_returns=2)``, the driver learns that a chunk is
         done (or failed) from the small first value while the vectors stay in the object store."""
-        vectors = self.encode(texts, prompt)
+        vectors = self.encode(texts, prompt, role)
         return len(vectors), vectors
 
     def run(

@@ -39,7 +39,7 @@ from pipeline.io.output import (
 )
 from pipeline.io.rows import Columns, check_rows, resolve_columns, texts_of
 from pipeline.io.storage import StorageError, parse_storage_options, redact, safe_options
-from pipeline.model.config import choose_prompt
+from pipeline.model.config import resolve_role
 from pipeline.model.files import fingerprint, local_model_dir
 from pipeline.model.modules import check_model
 from pipeline.spec import EmbedSpec
@@ -61,6 +61,7 @@ class EmbedShardWork:
     output: OutputFolder
     columns: Columns
     prompt: str
+    role: str | None
     precision: str
     calibration: dict | None
     metadata: dict
@@ -75,7 +76,7 @@ class EmbedShardWork:
         if not keep.all():
             mask = pa.array(keep)
             table, ids = table.filter(mask), pc.filter(ids, mask)
-        return ids, table, encoder.tokenize(texts, self.prompt), int((~keep).sum())
+        return ids, table, encoder.tokenize(texts, self.prompt, self.role), int((~keep).sum())
 
     def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
         started = time.perf_counter()
@@ -124,6 +125,7 @@ def plan_material(
         "columns": columns.__dict__,
         "prompt_name": spec.prompt_name,
         "prompt": spec.prompt,
+        "role": spec.role,
         "precision": spec.precision,
         "on_null": spec.on_null,
         "shards": [s.to_dict() for s in shards],
@@ -233,7 +235,11 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     # Model and inputs are checked on the driver, before any actor starts.
     model_dir = local_model_dir(spec.model, storage_options)
     # An unknown --prompt-name fails here, with the model's other checks, before Ray and the actors start.
-    prompt = choose_prompt(check_model(model_dir, spec.allow_pickle), spec.prompt_name, spec.prompt)
+    try:  # an unknown prompt name or a role the model's Router lacks: before Ray and the actors start
+        role = resolve_role(check_model(model_dir, spec.allow_pickle), spec.role, spec.prompt_name, spec.prompt)
+    except ValueError as exc:
+        raise EmbedError(str(exc)) from None
+    prompt = role.prompt
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
@@ -267,7 +273,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             description = existing["model"]
         calibration = existing.get("calibration") if existing else None
         if spec.precision == "int8" and calibration is None:
-            calibration = calibrate(pool, shards, columns, prompt, spec.on_null, storage_options)
+            calibration = calibrate(pool, shards, columns, prompt, spec.role, spec.on_null, storage_options)
         # An output keeps the name it was started with (the card is not fingerprinted); --model-name is in the key.
         stored_name = ((existing or {}).get("metadata") or {}).get("model_name")
         metadata = {
@@ -278,6 +284,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             "normalized": description["normalized"],
             "similarity_fn_name": description["similarity_fn_name"],
             "prompt": prompt,
+            "role": spec.role,
             "dim": description["dim"],
             "precision": spec.precision,
             "text_column": columns.text,
@@ -308,6 +315,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             output,
             columns,
             prompt,
+            spec.role,
             spec.precision,
             calibration,
             metadata,
@@ -436,7 +444,7 @@ def encode_shards(
 
 
 def calibrate(
-    pool, shards: list[Shard], columns: Columns, prompt: str, on_null: str, storage_options
+    pool, shards: list[Shard], columns: Columns, prompt: str, role: str | None, on_null: str, storage_options
 ) -> dict:
     """int8 ranges from one deterministic sample of the whole corpus (the head of evenly spread shards)."""
 
@@ -450,7 +458,7 @@ def calibrate(
         texts.extend(shard_texts)
     if not texts:
         raise CorpusError("no texts to calibrate int8 ranges on")
-    return calibrate_int8(pool.call(0, "encode", texts, prompt))
+    return calibrate_int8(pool.call(0, "encode", texts, prompt, role))
 
 
 def versions() -> dict:

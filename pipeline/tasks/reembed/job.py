@@ -55,7 +55,7 @@ from pipeline.spec import EmbedSpec, ReembedSpec, SpecError
 from pipeline.tasks.reembed.diff import HASH_COLUMN, CorpusIndex, diff, id_type_of, index_corpus
 
 # Options that change the vectors: a snapshot made with other values is not reused, only replaced.
-VECTOR_OPTIONS = ("fingerprint", "prompt", "precision", "dtype", "id_type")
+VECTOR_OPTIONS = ("fingerprint", "prompt", "role", "precision", "dtype", "id_type")
 
 
 class ReembedError(StoreError):
@@ -245,7 +245,7 @@ def assemble(
 
 def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
     """Bring the store up to date with the corpus; returns the summary (also in the new version's manifest)."""
-    from pipeline.model.config import choose_prompt
+    from pipeline.model.config import resolve_role
     from pipeline.model.files import fingerprint, local_model_dir
     from pipeline.model.modules import check_model
     from pipeline.stages.embed import run_embed, versions
@@ -259,7 +259,10 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
     model_dir = local_model_dir(spec.model, storage_options)
     model_config = check_model(model_dir, spec.allow_pickle)
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
-    prompt = choose_prompt(model_config, spec.prompt_name, spec.prompt)
+    try:
+        prompt = resolve_role(model_config, spec.role, spec.prompt_name, spec.prompt).prompt
+    except ValueError as exc:
+        raise ReembedError(str(exc)) from None
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
     columns = resolve_columns(spec, schemas)
@@ -271,6 +274,7 @@ def run_reembed(spec: ReembedSpec, log: Log | None = None) -> dict:
     options = {
         "fingerprint": model_fingerprint,
         "prompt": prompt,
+        "role": spec.role,
         "precision": spec.precision,
         "dtype": spec.dtype,
         "id_type": id_type_of(schemas, columns.id),
