@@ -240,6 +240,7 @@ def check_job_spec(spec: dict, job: str) -> None:
     assert spec.get("input") and spec.get("output"), "every job reads input and writes output"
     if job in ("embed", "mine", "reembed"):
         assert spec.get("model"), f"{job} needs a model"
+    assert spec.get("progress") is False, "a job log gets a line per committed shard, not a progress bar"
 
 
 def test_raycluster():
