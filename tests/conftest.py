@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from tests.support.s3server import S3Bucket, S3Server
 
 # Small real-text corpora shipped with the tests (FAQ pairs, man-page pairs, fortunes): see tests/data/README.md.
-# Modules that need them at import time use `from tests.conftest import TEST_DATA`.
-TEST_DATA = Path(__file__).resolve().parent / "data"
+# Modules that need them at import time use `from tests.support.paths import TEST_DATA`.
 
 # --------------------------------------------------------------------------- S3 (moto server)
 

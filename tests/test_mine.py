@@ -34,8 +34,8 @@ from pipeline.spec import EmbedSpec, MineSpec, SpecError, build_spec, load_spec
 from pipeline.tasks.embed import run_embed
 from pipeline.tasks.mine import MineError, mining_options, run_mine
 from pipeline.tasks.mine import inputs as mine_task
-from tests.conftest import TEST_DATA
 from tests.support.float32 import encoded_cosine_error
+from tests.support.paths import TEST_DATA
 
 A, P = "query", "positive"
 TEXT_CHARS = 300

@@ -26,8 +26,8 @@ from pipeline import cli
 from pipeline.model.files import ModelConfigError
 from pipeline.spec import DedupSpec, MineSpec, SpecError, build_spec
 from pipeline.tasks.mine import MineError, run_mine
-from tests.conftest import TEST_DATA
 from tests.support.float32 import encoded_cosine_error
+from tests.support.paths import TEST_DATA
 
 A, P = "query", "positive"
 TEXT_CHARS = 300

@@ -504,7 +504,7 @@ def mixed_texts(n: int, seed: int, max_chars: int = 1500) -> list[str]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from tests.conftest import TEST_DATA
+    from tests.support.paths import TEST_DATA
 
     def column(name: str, col: str) -> list[str]:
         return pq.read_table(TEST_DATA / name, columns=[col]).column(col).to_pylist()

@@ -13,26 +13,12 @@ from pipeline.compute.kmeans import assign, init_centroids, kmeans, partial_sums
 from pipeline.compute.knn import merge_topk, range_pairs, topk
 from pipeline.model.similarity import SIMILARITY_FUNCTIONS
 from tests.support.float32 import EPS32, score_error, sum_error
+from tests.support.scores import brute_scores
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ---------------------------------------------------------------- oracles
-
-
-def brute_scores(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
-    """Full score matrix in float64, straight from the definitions."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    if fn == "cosine":
-        a = a / np.linalg.norm(a, axis=1, keepdims=True)
-        b = b / np.linalg.norm(b, axis=1, keepdims=True)
-        return a @ b.T
-    if fn == "dot":
-        return a @ b.T
-    diff = a[:, None, :] - b[None, :, :]
-    if fn == "euclidean":
-        return -np.sqrt((diff**2).sum(-1))
-    return -np.abs(diff).sum(-1)
 
 
 def brute_topk(full: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

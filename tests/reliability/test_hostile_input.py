@@ -30,8 +30,9 @@ from pipeline.io.dataset import embeddings_of, read_dataset
 from pipeline.model import load_encoder
 from tests.support.float32 import forward_error
 from tests.support.outputcheck import check_output
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 N = 24
 Rows = list[tuple[str, "str | None"]]  # (id, text) pairs a successful run must hold, each exactly once
 

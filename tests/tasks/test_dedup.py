@@ -28,9 +28,10 @@ from pipeline.io.output import OutputFolder
 from pipeline.io.storage import filesystem
 from pipeline.spec import DedupSpec, build_spec
 from pipeline.tasks.dedup import run_dedup
-from tests.conftest import TEST_DATA
 from tests.support.float32 import pairwise_score_error, sum_error
+from tests.support.paths import TEST_DATA
 from tests.support.s3server import option_flags
+from tests.support.scores import brute_scores, unit
 
 N, DIM = 360, 64
 PART_ROWS = (50, 90, 7, 113, 100)  # uneven parts, one tiny, so slices and tiles cut groups apart
@@ -56,23 +57,6 @@ CASES = {
 
 
 # ---------------------------------------------------------------- oracle
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def brute_scores(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
-    """Score matrix in float64, straight from the definitions (higher = more similar)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if fn == "cosine":
-        return unit(a) @ unit(b).T
-    if fn == "dot":
-        return a @ b.T
-    diff = a[:, None, :] - b[None, :, :]
-    if fn == "euclidean":
-        return -np.sqrt((diff**2).sum(-1))
-    return -np.abs(diff).sum(-1)
 
 
 def bfs_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
@@ -324,19 +308,8 @@ def check_output(out: str, vectors: np.ndarray, ids: list, fn: str, threshold: f
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster(s3_server):
-    """One local Ray cluster for the module (started after the S3 fixture set the AWS environment,
-    so the workers inherit it); shut down at the end."""
-    import ray
-
-    from pipeline.runtime import cluster
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("EMBEDPIPE_OBJECT_STORE_BYTES", str(128 * 1024 * 1024))
-        cluster.connect()
-    yield
-    ray.shutdown()
+def ray_cluster(ray_local):
+    """Every dedup here runs on the session's local Ray cluster."""
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,12 @@ from pipeline.io.output import OutputFolder
 from pipeline.model import load_encoder
 from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import EmbedError, run_embed
-from tests.conftest import TEST_DATA
 from tests.support.float32 import forward_error
+from tests.support.paths import REPO_ROOT, TEST_DATA
 from tests.support.s3server import ACCESS_KEY, SECRET_KEY, option_flags
 from tests.support.tiny_models import build_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 WORDS = str.split(
     "the quick brown fox jumps over a lazy dog while python perl and debian packages install list array "
     "file directory manual page question answer fortune cookie luxury surrounded remove duplicate elements "

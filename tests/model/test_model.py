@@ -23,8 +23,8 @@ from sentence_transformers import SentenceTransformer
 
 from pipeline.model import ModelConfigError, load_encoder
 from pipeline.model.encoder import Encoder, plan_batches
-from tests.conftest import TEST_DATA
 from tests.support.float32 import forward_error, score_error, sum_error
+from tests.support.paths import TEST_DATA
 from tests.support.tiny_models import (
     DenseSpec,
     build_fallback_max_seq_length_model,

@@ -47,11 +47,11 @@ from pipeline.tasks.dedup import run_dedup
 from pipeline.tasks.embed import run_embed
 from pipeline.tasks.mine import run_mine
 from tests.support.faultproxy import FaultProxy
+from tests.support.raycluster import multi_node_cluster
 from tests.support.s3server import option_flags
 
 pytestmark = pytest.mark.slow
 
-OBJECT_STORE_BYTES = 96 * 1024 * 1024
 ROWS, ROWS_PER_PART = 240, 20  # 12 source parts: 12 steps in exact mode's pairs stage
 THRESHOLD = 0.99
 PAIRS, ANCHORS_PER_BLOCK, TEXTS_PER_TASK = 120, 12, 6  # 10 output parts; 20 + 10 encoding tasks
@@ -77,34 +77,8 @@ def log_nothing(_message: str) -> None:
 @pytest.fixture(scope="module")
 def multi_node():
     """Head and two worker nodes with one CPU each: two actors of a kind, and room for a replacement."""
-    import logging
-
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()  # the session's local cluster; `ray_local` restarts it for later modules
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "object_store_memory": OBJECT_STORE_BYTES,
-                "include_dashboard": False,
-            },
-        )
-        try:
-            for _ in range(2):
-                cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
-            cluster.wait_for_nodes()
-            # This driver joins now, so the GCS actor table can be read before the first job connects.
-            ray.init(address=cluster.address, logging_level=logging.WARNING)
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with multi_node_cluster(join=True) as cluster:
+        yield cluster
 
 
 def corpus_texts() -> list[str]:

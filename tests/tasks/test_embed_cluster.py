@@ -20,11 +20,11 @@ from pipeline.io.dataset import RECEIPTS_DIR, SUCCESS_FILE, embeddings_of, read_
 from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import run_embed
 from tests.support.faultproxy import FaultProxy
+from tests.support.raycluster import multi_node_cluster
 from tests.support.s3server import option_flags
 
 pytestmark = pytest.mark.slow
 
-OBJECT_STORE_BYTES = 96 * 1024 * 1024
 ROWS, ROWS_PER_SHARD = 240, 4
 RECEIPT_DELAY_S = 0.15  # per shard and actor: 60 shards on two actors take at least 4.5 s
 
@@ -33,24 +33,8 @@ RECEIPT_DELAY_S = 0.15  # per shard and actor: 60 shards on two actors take at l
 def multi_node():
     """Head and two worker nodes, each with one CPU: two encoder actors fill two of the three CPUs,
     so a replacement actor has somewhere to go when a worker node dies."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()  # the local cluster of the in-process tests; `ray_local` restarts it if needed
-    # RAY_AUTH_MODE is set once for the session (conftest): changing it after a first ray.init in
-    # this process makes every actor creation on the new cluster fail (SchedulingCancelled).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False})
-        try:
-            workers = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
-            cluster.wait_for_nodes()
-            yield cluster, workers
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with multi_node_cluster() as cluster:
+        yield cluster, cluster.added
 
 
 def s3fs_of(options: dict):

@@ -38,12 +38,13 @@ from pipeline.spec import EmbedSpec, build_spec
 from pipeline.tasks.embed import run_embed
 from tests.support.faultproxy import FaultProxy
 from tests.support.outputcheck import check_output, visible_parts
+from tests.support.paths import REPO_ROOT
+from tests.support.raycluster import multi_node_cluster
 from tests.support.s3server import option_flags
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-OBJECT_STORE_BYTES = 96 * 1024 * 1024
+ROOT = REPO_ROOT
 # Encoding a shard takes milliseconds with the tiny model, so the work phase is made of many shards, each
 # held RECEIPT_DELAY_S at its commit (and S3 commits are slower still): long enough for three kills.
 ROWS, ROWS_PER_SHARD = 200, 2
@@ -57,24 +58,8 @@ RECEIPT_DELAY_S = 0.06  # per shard and actor, in the worker-kill run
 @pytest.fixture(scope="module")
 def multi_node():
     """Head and two worker nodes with one CPU each: two encoder actors, and room for a replacement."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()  # the session's local cluster; `ray_local` restarts it for later modules
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # nodes, this driver and the CLI drivers join by address
-        mp.delenv("RAY_ADDRESS", raising=False)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False})
-        try:
-            for _ in range(2):
-                cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
-            cluster.wait_for_nodes()
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with multi_node_cluster() as cluster:
+        yield cluster
 
 
 def texts(n: int) -> list[str]:

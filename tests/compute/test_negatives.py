@@ -42,7 +42,7 @@ from pipeline.compute.negatives import (
     validate_options,
 )
 from pipeline.io.training_formats import build_table, to_labeled_pair, to_triplet
-from tests.conftest import TEST_DATA
+from tests.support.paths import TEST_DATA
 
 A, P = "query", "positive"
 MAX_SEQ_LENGTH = 32
