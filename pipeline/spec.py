@@ -89,6 +89,11 @@ class EmbedSpec(EncodeOptions, RuntimeOptions):
     on_duplicate_id: str = opt("fail", "duplicate ids: fail or keep", ("fail", "keep"))
     max_attempts: int = opt(3, "attempts per shard before the job fails")
     overwrite: bool = opt(False, "replace an existing output made with other options")
+    cpus_per_worker: int | None = opt(
+        None,
+        "CPUs each encoder actor asks Ray for, and tokenizes (and, on CPU, computes) on (default: on GPU nodes "
+        "the node's CPUs divided by its GPUs, at least 2; on CPU-only clusters the CPUs shared by the workers)",
+    )
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,8 @@ from pipeline.model.similarity import similarity
 # bench/encode.py on a quiet 2-core machine: 4,096 beat 8,192 at 1 and 2 threads
 DEFAULT_CPU_BATCH_TOKENS = 4096
 DEFAULT_GPU_BATCH_TOKENS = 65536
+# texts per chunk when one call's texts are tokenized over several threads
+TOKENIZE_CHUNK = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["Encoder", "EncodeCounters", "RoleSettings", "Tokenized", "load_encoder", "plan_batches"]
@@ -66,6 +71,20 @@ class EncodeCounters:
     tokens: int = 0
     padded_tokens: int = 0
     batches: int = 0
+    # seconds spent per stage (wall time of the thread doing it); on CUDA the forward is asynchronous,
+    # so device time shows up in to_host_seconds, where the host waits for the vectors
+    tokenize_seconds: float = 0.0
+    pad_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    to_host_seconds: float = 0.0
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {
+            "tokenize": self.tokenize_seconds,
+            "pad": self.pad_seconds,
+            "forward": self.forward_seconds,
+            "to_host": self.to_host_seconds,
+        }
 
     @property
     def padding_ratio(self) -> float:
@@ -139,6 +158,11 @@ class Encoder:
         self.default_prompt_name = config.default_prompt_name
         self.fingerprint = fingerprint(config.root, {"truncate_dim": truncate_dim})
         self.counters = EncodeCounters()
+        # Threads that tokenize one call's texts in parallel (the fast tokenizer releases the GIL while it
+        # encodes a batch); an encoder actor sets it to its CPUs.
+        self.tokenize_threads = 1
+        self._tokenize_pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def check_dim(self) -> None:
         """Run one short text through every route: the vectors must have the size the configs promise
@@ -253,12 +277,47 @@ class Encoder:
         """Token ids of ``prompt + text`` for texts of ``role`` (its route and max length), unpadded."""
         if isinstance(texts, str):
             raise TypeError("tokenize takes a sequence of texts, not a single string")
-        return self.input_module.tokenize(texts, prompt or "", role)
+        started = time.perf_counter()
+        threads = max(1, int(self.tokenize_threads))
+        if threads == 1 or len(texts) < TOKENIZE_CHUNK * 2:
+            tokens = self.input_module.tokenize(texts, prompt or "", role)
+        else:
+            tokens = self.tokenize_parallel(texts, prompt or "", role, threads)
+        self.counters.tokenize_seconds += time.perf_counter() - started
+        return tokens
+
+    def tokenize_parallel(
+        self, texts: Sequence[str], prompt: str, role: str | None, threads: int
+    ) -> Tokenized:
+        """``tokenize`` over ``threads`` threads: contiguous chunks, joined in input order (the same ids as
+        one call: each text is tokenized on its own)."""
+        with self._pool_lock:
+            if self._tokenize_pool is None or self._tokenize_pool._max_workers != threads:
+                self._tokenize_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+            pool = self._tokenize_pool
+        step = max(TOKENIZE_CHUNK, -(-len(texts) // (threads * 4)))
+        chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
+        parts = list(pool.map(lambda chunk: self.input_module.tokenize(chunk, prompt, role), chunks))
+        first = parts[0]
+        types = None
+        if all(p.token_type_ids is not None for p in parts):
+            types = [row for p in parts for row in p.token_type_ids]
+        return Tokenized(
+            input_ids=[row for p in parts for row in p.input_ids],
+            token_type_ids=types,
+            prompt_length=first.prompt_length,
+            lengths=np.concatenate([p.lengths for p in parts]),
+            task=first.task,
+            route=first.route,
+        )
 
     def pad(self, tokens: Tokenized, indices: np.ndarray) -> dict[str, Tensor]:
-        """One batch of model inputs for the texts at ``indices``, on the device."""
+        """One batch of model inputs for the texts at ``indices``, on the device (on CUDA through pinned
+        host memory with non-blocking copies)."""
         batch = self.input_module.collate(tokens, indices)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -317,18 +376,34 @@ class Encoder:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(input indices, float32 vectors) per batch, longest batches first."""
         budget = max_batch_tokens or self.default_batch_tokens()
+        counters = self.counters
+        pending: tuple[np.ndarray, Any] | None = None  # CUDA: the batch whose vectors are still on their way
         for indices in plan_batches(tokens.lengths, budget):
+            started = time.perf_counter()
             batch = self.pad(tokens, indices)
-            vectors = self.forward(batch, tokens.prompt_length, task=tokens.task)
+            padded = time.perf_counter()
+            vectors = self.launch(batch, tokens.prompt_length, task=tokens.task)
+            counters.pad_seconds += padded - started
+            counters.forward_seconds += time.perf_counter() - padded
             width = int(tokens.lengths[indices].max()) if len(indices) else 0
-            self.counters.texts += len(indices)
-            self.counters.tokens += int(tokens.lengths[indices].sum())
-            self.counters.padded_tokens += width * len(indices)
-            self.counters.batches += 1
-            yield indices, vectors
+            counters.texts += len(indices)
+            counters.tokens += int(tokens.lengths[indices].sum())
+            counters.padded_tokens += width * len(indices)
+            counters.batches += 1
+            if self.device.type != "cuda":
+                yield indices, self.to_host(vectors)
+                continue
+            # CUDA: this batch's copy to the host is queued behind its forward; the previous batch is read
+            # while the device works on this one, so the host never waits on an idle device.
+            if pending is not None:
+                yield pending[0], self.to_host(pending[1])
+            pending = (indices, vectors)
+        if pending is not None:
+            yield pending[0], self.to_host(pending[1])
 
-    def forward(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> np.ndarray:
-        """One batch through the modules; ``module_kwargs`` (the role's ``task``) reach the modules that take them."""
+    def launch(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> Any:
+        """Start one batch: its float32 vectors on the device, or (CUDA) a non-blocking copy into pinned host
+        memory and the event that marks it done. ``to_host`` finishes it."""
         features: dict = dict(batch)
         if prompt_length:
             features["prompt_length"] = prompt_length
@@ -337,7 +412,29 @@ class Encoder:
         vectors = features["sentence_embedding"]
         if self.truncate_dim:
             vectors = vectors[:, : self.truncate_dim]
-        return vectors.float().cpu().numpy()
+        vectors = vectors.float()
+        if self.device.type != "cuda":
+            return vectors
+        host = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(vectors, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def to_host(self, launched: Any) -> np.ndarray:
+        started = time.perf_counter()
+        if isinstance(launched, tuple):
+            host, done = launched
+            done.synchronize()
+            vectors = host.numpy()
+        else:
+            vectors = launched.cpu().numpy()
+        self.counters.to_host_seconds += time.perf_counter() - started
+        return vectors
+
+    def forward(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> np.ndarray:
+        """One batch through the modules; ``module_kwargs`` (the role's ``task``) reach the modules that take them."""
+        return self.to_host(self.launch(batch, prompt_length, **module_kwargs))
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -44,10 +44,14 @@ class EncoderActor:
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
+        # Our threads tokenize in parallel (one chunk each); the tokenizer's own Rust thread pool would take
+        # every core of the node whatever the actor asked Ray for.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         # No "Loading weights" bar per worker (transformers' and huggingface_hub's bars off in this
         # process): the job's progress is the driver's bar, or its line per shard.
         transformers_logging.disable_progress_bar()
         self.encoder = load_encoder(model, **model_options)
+        self.encoder.tokenize_threads = threads
         self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.pending: dict[Any, Future] = {}
 

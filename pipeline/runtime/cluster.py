@@ -70,25 +70,47 @@ def local_token_auth() -> None:
     Config.initialize("")
 
 
-def plan_actors(workers: int | None = None) -> ActorPlan:
+def plan_actors(workers: int | None = None, cpus_per_worker: int | None = None) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; else ``workers`` CPU actors sharing the CPUs.
 
-    More workers than CPUs share them (1/k CPU each, so k fit on every CPU) rather than wait forever
+    A GPU actor asks for ``cpus_per_worker`` CPUs (default: the CPUs per GPU of the GPU nodes, at least
+    2 where a node has them) for its host work: reading, tokenizing in parallel, padding, writing.
+    More CPU workers than CPUs share them (1/k CPU each, so k fit on every CPU) rather than wait forever
     for CPUs that do not exist; a cluster with no CPUs yet (an autoscaler still adding nodes) gets
-    one CPU per actor.
+    one CPU per actor. An explicit ``cpus_per_worker`` is what each actor asks for.
     """
+    if cpus_per_worker is not None and cpus_per_worker < 1:
+        raise ValueError(f"cpus_per_worker must be at least 1, got {cpus_per_worker}")
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
         count = min(workers or gpus, gpus)
-        return ActorPlan(workers=count, num_gpus=1, num_cpus=1)
+        return ActorPlan(workers=count, num_gpus=1, num_cpus=cpus_per_worker or gpu_host_cpus())
     count = max(1, workers or 1)
+    if cpus_per_worker is not None:
+        return ActorPlan(workers=count, num_gpus=0, num_cpus=cpus_per_worker)
     cpus = int(resources.get("CPU", 0))
     if 0 < cpus < count:
         return ActorPlan(workers=count, num_gpus=0, num_cpus=1 / math.ceil(count / cpus))
     largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
     per_actor = max(1, min(cpus // count, largest_node))
     return ActorPlan(workers=count, num_gpus=0, num_cpus=per_actor)
+
+
+def gpu_host_cpus() -> int:
+    """CPUs per GPU on the GPU nodes (the smallest share), at least 2 but never more than such a node has."""
+    shares, smallest = [], None
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_gpus = int(node["Resources"].get("GPU", 0))
+        node_cpus = int(node["Resources"].get("CPU", 0))
+        if node_gpus:
+            shares.append(node_cpus // node_gpus)
+            smallest = node_cpus if smallest is None else min(smallest, node_cpus)
+    if not shares:
+        return 1
+    return max(1, min(max(2, min(shares)), smallest or 1))
 
 
 def describe_resources() -> str:

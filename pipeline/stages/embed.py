@@ -51,6 +51,10 @@ class EmbedError(RuntimeError):
     """The job cannot finish; the message says which shard or input, and why."""
 
 
+class EmbedOptionError(EmbedError, ValueError):
+    """An option the model refuses (an unknown prompt name, a role its Router lacks): a ValueError too."""
+
+
 # -- the work each actor does -----------------------------------------------------------------------
 
 
@@ -70,19 +74,30 @@ class EmbedShardWork:
     storage_options: dict
 
     def load(self, encoder, shard: Shard):
+        """(ids, table, tokens, skipped rows, seconds per stage): runs on the actor's prefetch thread while
+        the previous shard is encoded; the tokenizing itself runs on the encoder's tokenize threads."""
+        started = time.perf_counter()
         table = corpus.read_shard(shard, self.columns.read, self.storage_options)
         ids = corpus.ids_of(table, shard, self.columns.id)
         texts, keep = texts_of(table, shard, self.columns.text, self.on_null)
         if not keep.all():
             mask = pa.array(keep)
             table, ids = table.filter(mask), pc.filter(ids, mask)
-        return ids, table, encoder.tokenize(texts, self.prompt, self.role), int((~keep).sum())
+        read = time.perf_counter()
+        tokens = encoder.tokenize(texts, self.prompt, self.role)
+        stages = {"read": read - started, "tokenize": time.perf_counter() - read}
+        return ids, table, tokens, int((~keep).sum()), stages
 
     def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
         started = time.perf_counter()
-        ids, table, tokens, skipped = loaded
-        before = (encoder.counters.tokens, encoder.counters.padded_tokens)
+        ids, table, tokens, skipped, stages = loaded
+        counters = encoder.counters
+        before = (counters.tokens, counters.padded_tokens, counters.stage_seconds())
         vectors = encoder.encode_tokens(tokens, self.max_batch_tokens)
+        for name, seconds in counters.stage_seconds().items():
+            if name != "tokenize":  # measured in load, on the prefetch thread
+                stages[name] = seconds - before[2][name]
+        converting = time.perf_counter()
         if not np.isfinite(vectors).all():
             raise EmbedError(
                 f"{shard.url}: rows {shard.row_start}-{shard.row_end - 1}: non-finite embeddings"
@@ -90,18 +105,26 @@ class EmbedShardWork:
         columns = {"id": ids, "embedding": quantize(vectors, self.precision, self.calibration)}
         for name in self.columns.keep:
             columns[name] = table.column(name)
+        part = pa.table(columns)
+        writing = time.perf_counter()
+        stages["convert"] = writing - converting
         receipt = write_embedding_part(
             self.output,
             shard.shard_id,
-            pa.table(columns),
+            part,
             self.metadata,
-            tokens=encoder.counters.tokens - before[0],
-            padded_tokens=encoder.counters.padded_tokens - before[1],
-            seconds=round(time.perf_counter() - started, 3),
+            tokens=counters.tokens - before[0],
+            padded_tokens=counters.padded_tokens - before[1],
+            seconds=round(writing - started, 3),
             attempt=attempt,
             skipped_rows=skipped,
-        )
-        return receipt.to_dict()
+            stages={name: round(seconds, 4) for name, seconds in stages.items()},
+        ).to_dict()
+        # the driver's copy also has the time the part and its receipt took to write and commit
+        finished = time.perf_counter()
+        receipt["stages"] = dict(receipt["stages"], write_commit=round(finished - writing, 4))
+        receipt["seconds"] = round(finished - started, 3)
+        return receipt
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -238,7 +261,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     try:  # an unknown prompt name or a role the model's Router lacks: before Ray and the actors start
         role = resolve_role(check_model(model_dir, spec.allow_pickle), spec.role, spec.prompt_name, spec.prompt)
     except ValueError as exc:
-        raise EmbedError(str(exc)) from None
+        raise EmbedOptionError(str(exc)) from None
     prompt = role.prompt
     model_fingerprint = fingerprint(model_dir, {"truncate_dim": spec.truncate_dim})
     sources = corpus.list_sources(spec.input, storage_options)
@@ -261,7 +284,7 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     needs_actors = bool(todo) or "model" not in existing
     if needs_actors:
         cluster.connect(spec.ray_address)
-        plan = cluster.plan_actors(spec.workers)
+        plan = cluster.plan_actors(spec.workers, spec.cpus_per_worker)
         pool = encoder_pool(plan, str(model_dir), model_options(spec, storage_options))
     else:  # every part is committed: no cluster is needed, the stored plan describes the model
         plan, pool = cluster.ActorPlan(0, 0, 0), None
@@ -345,6 +368,8 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
             "retried": stats.retried,
         },
         "workers": plan.workers,
+        "cpus_per_worker": plan.num_cpus,
+        "stage_seconds": stage_seconds([receipts[s.shard_id] for s in todo]),
         "actors_replaced": stats.actors_replaced,
         "rows_per_second": round(sum(receipts[s.shard_id]["rows"] for s in todo) / seconds, 1)
         if todo
@@ -364,6 +389,17 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
         f"already committed) in {clock(seconds)}; {redact(output.url)} is complete (_SUCCESS)"
     )
     return summary
+
+
+def stage_seconds(receipts: list[dict]) -> dict[str, float]:
+    """Seconds per stage (read, tokenize, pad, forward, to_host, convert, write_commit) summed over the shards
+    encoded in this run: actor-seconds, for finding the slow stage; stages overlap (read and tokenize run on
+    the prefetch thread while the previous shard is encoded), so they add up to more than the wall time."""
+    total: dict[str, float] = {}
+    for receipt in receipts:
+        for name, seconds in (receipt.get("stages") or {}).items():
+            total[name] = total.get(name, 0.0) + seconds
+    return {name: round(seconds, 3) for name, seconds in total.items()}
 
 
 def clock(seconds: float) -> str:

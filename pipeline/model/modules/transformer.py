@@ -27,6 +27,7 @@ refused, pickle checkpoints load only on request.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -420,23 +421,25 @@ class Transformer(InputModule):
         )
 
     def collate(self, tokens: Tokenized, indices: np.ndarray) -> dict[str, Tensor]:
-        """Pad one batch on the padding side of the texts' role."""
-        width = int(tokens.lengths[indices].max()) if len(indices) else 0
-        pad_id = self._tokenizer.pad_token_id
-        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long) if tokens.token_type_ids else None
+        """Pad one batch on the padding side of the texts' role.
+
+        Vectorized: the batch's ids are concatenated into one flat array and scattered into the padded
+        matrix through the attention mask (row-major order is the rows' order on either side)."""
+        lengths = tokens.lengths[indices]
+        width = int(lengths.max()) if len(indices) else 0
         left = self.call_kwargs(tokens.task)[1] == "left"
-        for row, index in enumerate(indices):
-            ids = tokens.input_ids[index]
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention[row, span] = 1
-            if types is not None:
-                types[row, span] = torch.tensor(tokens.token_type_ids[index], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention}
-        if types is not None:
-            batch["token_type_ids"] = types
+        columns = np.arange(width, dtype=np.int64)
+        mask = columns >= (width - lengths)[:, None] if left else columns < lengths[:, None]
+        input_ids = np.full((len(indices), width), self._tokenizer.pad_token_id, dtype=np.int64)
+        input_ids[mask] = flatten(tokens.input_ids, indices, int(lengths.sum()))
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        }
+        if tokens.token_type_ids:
+            types = np.zeros((len(indices), width), dtype=np.int64)
+            types[mask] = flatten(tokens.token_type_ids, indices, int(lengths.sum()))
+            batch["token_type_ids"] = torch.from_numpy(types)
         return batch
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
@@ -548,6 +551,11 @@ class ChatTemplate:
             found = first[len(first) - count :] if 0 < count < min(len(first), len(second)) else []
             self._suffixes[key] = list(found)
         return self._suffixes[key]
+
+
+def flatten(rows: Sequence[Sequence[int]], indices: np.ndarray, total: int) -> np.ndarray:
+    """The rows at ``indices`` concatenated into one int64 array of ``total`` items."""
+    return np.fromiter(itertools.chain.from_iterable(rows[i] for i in indices), dtype=np.int64, count=total)
 
 
 def template_declares_task(template: Any) -> bool:
