@@ -317,6 +317,7 @@ class Transformer(InputModule):
         self.chat = ChatTemplate.create(self._tokenizer, config, self.model.config.model_type)
         self._call_kwargs: dict[str | None, tuple[dict[str, Any], str]] = {}
         self._prompt_lengths: dict[str, int] = {}
+        self._backends: dict[str | None, Any] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -410,8 +411,16 @@ class Transformer(InputModule):
             texts = [prompt + t for t in texts] if prompt else list(texts)
             if not texts:  # the tokenizer fails on an empty batch
                 return Tokenized([], None, self.prompt_length(prompt, task), task=task)
-            encoded = self._tokenizer(texts, padding=False, **kwargs)
-            ids, types = encoded["input_ids"], encoded.get("token_type_ids")
+            backend = self.backend_for(task, kwargs)
+            if (
+                backend is not None
+            ):  # the Rust tokenizer directly: the same ids, without transformers' wrapper
+                encodings = backend.encode_batch(texts, add_special_tokens=True)
+                ids = [e.ids for e in encodings]
+                types = [e.type_ids for e in encodings] if self._returns_types else None
+            else:
+                encoded = self._tokenizer(texts, padding=False, **kwargs)
+                ids, types = encoded["input_ids"], encoded.get("token_type_ids")
         return Tokenized(
             input_ids=ids,
             token_type_ids=types,
@@ -419,6 +428,32 @@ class Transformer(InputModule):
             lengths=np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)),
             task=task,
         )
+
+    def backend_for(self, task: str | None, kwargs: dict[str, Any]) -> Any:
+        """A copy of the fast tokenizer's Rust backend set up as the transformers call with ``kwargs`` sets it
+        (truncation to ``max_length`` on the tokenizer's truncation side, no padding), or None when the call
+        takes any other setting (then the wrapper runs). A copy per role, so that threads never reset it."""
+        if task not in self._backends:
+            backend = None
+            plain = set(kwargs) <= {"truncation", "max_length"} and kwargs.get("truncation") in (
+                True,
+                "longest_first",
+            )
+            length = kwargs.get("max_length")
+            if plain and isinstance(length, int) and length > 0:
+                from tokenizers import Tokenizer
+
+                backend = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
+                backend.no_padding()
+                backend.enable_truncation(
+                    length, stride=0, strategy="longest_first", direction=self._tokenizer.truncation_side
+                )
+            self._backends[task] = backend
+        return self._backends[task]
+
+    @property
+    def _returns_types(self) -> bool:
+        return "token_type_ids" in self._tokenizer.model_input_names
 
     def collate(self, tokens: Tokenized, indices: np.ndarray) -> dict[str, Tensor]:
         """Pad one batch on the padding side of the texts' role.
