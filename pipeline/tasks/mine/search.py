@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.model.similarity import similarity
 from pipeline.tasks.mine.blocks import BlockWriter, CandidateBlock, finish_block
 from pipeline.tasks.mine.inputs import MinePlan, Selection
 from pipeline.tasks.mine.slices import SliceChunk, SliceLoader, slice_pool
@@ -141,7 +140,6 @@ def mine_blocks(
 ) -> tuple:
     """Encode, search and commit the blocks in ``todo`` (receipts go into ``done``); returns the number of
     workers and of actors replaced on the way."""
-    import ray
     from tqdm import tqdm
 
     from pipeline.runtime import actors as ray_actors
@@ -197,9 +195,8 @@ def mine_blocks(
             for number in todo:
                 start = blocks[number]
                 stop = min(start + per_block, plan.anchors)
-                anchor_vectors = np.asarray(ray.get(anchor_refs.pop(number)), dtype=np.float32)
                 anchors = texts.read(plan.anchor_selection(start, stop))
-                block = search_block(ctx, index, number, start, stop, anchor_vectors, anchors)
+                block = search_block(ctx, index, number, start, stop, anchor_refs.pop(number), anchors)
                 done[number] = finish_block(ctx.writer, block, anchors, fetch)
                 bar.update(stop - start)
         replaced += index.stats.actors_replaced
@@ -208,11 +205,12 @@ def mine_blocks(
 
 
 def search_block(
-    ctx: SearchContext, index, number: int, start: int, stop: int, anchor_vectors, anchors
+    ctx: SearchContext, index, number: int, start: int, stop: int, query, anchors
 ) -> CandidateBlock:
     """One block's candidate window from the slice actors: top ``k``, positive scores, and where asked
-    the candidates' best scores to the positives and the cross-encoder's scores."""
-    import ray
+    the candidates' best scores to the positives and the cross-encoder's scores. ``query`` is the
+    anchors' vectors as the encoder left them in the object store: the slices read them, the driver never
+    does (every object the driver reads from the object store stays mapped in its RSS)."""
     import torch
 
     from pipeline.compute.knn import merge_topk
@@ -220,15 +218,9 @@ def search_block(
     positives = ctx.plan.positives(start, stop)
     flat = np.concatenate(positives)
     ptr = np.concatenate([[0], np.cumsum([len(p) for p in positives])]).astype(np.int64)
-    needed = np.unique(flat)
-    found = index.call_each("rows", lambda slot: (needed,))
-    lookup = {int(r): v for rows, vecs in found for r, v in zip(rows, vecs, strict=True)}
-    positive_vectors = np.stack([lookup[int(p)] for p in flat]).astype(np.float32)
-    positive_scores = [
-        similarity(anchor_vectors[i][None, :], positive_vectors[ptr[i] : ptr[i + 1]], ctx.fn)[0]
-        for i in range(len(positives))
-    ]
-    query = ray.put(anchor_vectors)
+    parts = index.call_each("positive_scores", lambda slot: (query, flat, ptr, ctx.fn))
+    scored = np.fmax.reduce(np.stack(parts), axis=0)
+    positive_scores = [scored[ptr[i] : ptr[i + 1]] for i in range(len(positives))]
     partial = index.call_each("topk", lambda slot: (query, ctx.fn, ctx.k, ctx.spec.block_size))
     scores, indices = merge_topk([(torch.as_tensor(s), torch.as_tensor(i)) for s, i in partial], ctx.k)
     block = CandidateBlock(
@@ -239,9 +231,12 @@ def search_block(
         positives,
         positive_scores,
     )
-    candidates = ray.put(block.candidates)
+    candidates = block.candidates
     if ctx.need_positive_similarity:
-        vectors = ray.put(positive_vectors)
+        needed = np.unique(flat)
+        found = index.call_each("rows", lambda slot: (needed,))
+        lookup = {int(r): v for rows, vecs in found for r, v in zip(rows, vecs, strict=True)}
+        vectors = np.stack([lookup[int(p)] for p in flat]).astype(np.float32)
         parts = index.call_each("positive_similarity", lambda slot: (candidates, vectors, ptr, ctx.fn))
         block.positive_similarity = np.fmax.reduce(np.stack(parts), axis=0)
     if ctx.cross_encoder is not None:

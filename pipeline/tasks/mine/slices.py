@@ -105,6 +105,26 @@ class IndexShardActor(runtime_actors.IndexShardActor):
         position, hit = self._positions(wanted)
         return wanted[hit], [self.texts[int(p)] for p in position[hit]]
 
+    def positive_scores(self, queries: Any, positives: Any, ptr: Any, fn: str) -> np.ndarray:
+        """The anchors' scores to their positives that live in this slice (anchor i's positives are
+        ``positives[ptr[i]:ptr[i + 1]]``), NaN for the others: what ST's ``similarity_pairwise`` gives."""
+        import torch
+
+        from pipeline.model.similarity import similarity
+
+        positives = np.asarray(positives, dtype=np.int64)
+        ptr = np.asarray(ptr, dtype=np.int64)
+        queries = np.asarray(queries, dtype=np.float32)
+        out = np.full(positives.shape, np.nan, dtype=np.float32)
+        position, hit = self._positions(positives)
+        for row in range(len(ptr) - 1):
+            span = np.arange(ptr[row], ptr[row + 1])
+            span = span[hit[span]]
+            if len(span):
+                mine = self.vectors[torch.as_tensor(position[span]).to(self.vectors.device)]
+                out[span] = similarity(queries[row][None, :], mine, fn)[0]
+        return out
+
     def positive_similarity(self, candidates: Any, positive_vectors: Any, ptr: Any, fn: str) -> np.ndarray:
         """[n, k] float32: each candidate's best score to one of its anchor's positives (document vectors,
         the model's similarity), for the candidates in this slice, NaN elsewhere. Anchor i's positive
