@@ -162,6 +162,7 @@ class Encoder:
         # encodes a batch); an encoder actor sets it to its CPUs.
         self.tokenize_threads = 1
         self._tokenize_pool: ThreadPoolExecutor | None = None
+        self._tokenize_pool_size = 0
         self._pool_lock = threading.Lock()
 
     def check_dim(self) -> None:
@@ -292,8 +293,11 @@ class Encoder:
         """``tokenize`` over ``threads`` threads: contiguous chunks, joined in input order (the same ids as
         one call: each text is tokenized on its own)."""
         with self._pool_lock:
-            if self._tokenize_pool is None or self._tokenize_pool._max_workers != threads:
+            if self._tokenize_pool is None or self._tokenize_pool_size != threads:
+                if self._tokenize_pool is not None:
+                    self._tokenize_pool.shutdown(wait=False)
                 self._tokenize_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+                self._tokenize_pool_size = threads
             pool = self._tokenize_pool
         step = max(TOKENIZE_CHUNK, -(-len(texts) // (threads * 4)))
         chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
