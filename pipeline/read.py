@@ -31,7 +31,9 @@ class Embeddings:
     table: pa.Table
 
 
-def read_embeddings(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> Embeddings:
+def read_embeddings(
+    url: str, storage_options: dict | None = None, columns: list[str] | None = None
+) -> Embeddings:
     """A complete embed output (or a reembed version); vectors as float32 (int8 de-quantized; float16
     widened). ``columns`` limits the carried columns read besides id and embedding."""
     metadata = dataset_metadata(url, storage_options)
@@ -56,13 +58,25 @@ def read_groups(url: str, storage_options: dict | None = None, text_column: str 
         raise DatasetError(f"{url}: holds a {plan.get('job')} output, not a dedup's groups")
     duplicates = folder.read_table("duplicates.parquet")
     kept = pc.unique(duplicates.column("kept_id"))
-    kept_rows = pa.table({
-        "group_id": duplicates.column("group_id").take(pc.index_in(kept, duplicates.column("kept_id"))),
-        "id": kept, "kept": pa.array([True] * len(kept)), "score": pa.nulls(len(kept), pa.float32()),
-    })
-    removed = pa.table({"group_id": duplicates.column("group_id"), "id": duplicates.column("id"),
-                        "kept": pa.array([False] * duplicates.num_rows), "score": duplicates.column("score")})
-    groups = pa.concat_tables([kept_rows, removed]).sort_by([("group_id", "ascending"), ("kept", "descending")])
+    kept_rows = pa.table(
+        {
+            "group_id": duplicates.column("group_id").take(pc.index_in(kept, duplicates.column("kept_id"))),
+            "id": kept,
+            "kept": pa.array([True] * len(kept)),
+            "score": pa.nulls(len(kept), pa.float32()),
+        }
+    )
+    removed = pa.table(
+        {
+            "group_id": duplicates.column("group_id"),
+            "id": duplicates.column("id"),
+            "kept": pa.array([False] * duplicates.num_rows),
+            "score": duplicates.column("score"),
+        }
+    )
+    groups = pa.concat_tables([kept_rows, removed]).sort_by(
+        [("group_id", "ascending"), ("kept", "descending")]
+    )
     source = plan.get("source")
     column = text_column or (dataset_metadata(source, storage_options).get("text_column") if source else None)
     if not source or not column:

@@ -235,10 +235,15 @@ class DedupSpec(RuntimeOptions):
     )
     threshold: float | None = opt(None, "score at or above which two rows are duplicates (or a --target-*)")
     target_rows: int | None = opt(None, "keep at most N rows: the highest threshold that gets there is used")
-    target_fraction: float | None = opt(None, "keep at most this fraction of the rows (0-1), as --target-rows")
+    target_fraction: float | None = opt(
+        None, "keep at most this fraction of the rows (0-1), as --target-rows"
+    )
     model: str | None = opt(None, "embed a raw corpus first with this model")
-    against: list[str] = opt([], "decontaminate: remove input rows that match these reference rows (an embed "
-                                 "output, or a raw corpus with --model); the reference is only read")
+    against: list[str] = opt(
+        [],
+        "decontaminate: remove input rows that match these reference rows (an embed "
+        "output, or a raw corpus with --model); the reference is only read",
+    )
     similarity: str | None = opt(
         None, "override the model's similarity function", ("cosine", "dot", "euclidean", "manhattan")
     )
@@ -295,7 +300,8 @@ class MineSpec(RuntimeOptions):
         None, "model directory or URL (sentence-transformers format); with --from-candidates: a check only"
     )
     input: list[str] = opt(
-        [], "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs (--from-candidates: theirs)"
+        [],
+        "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs (--from-candidates: theirs)",
     )
     output: str | None = opt(None, "output URL (part-*.parquet, report.json, _SUCCESS)", required=True)
     corpus: list[str] = opt([], "extra corpus (files, or an embed output); default: the positives only")

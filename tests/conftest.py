@@ -99,4 +99,6 @@ def ray_local(_ray_local_session: None, s3_server: S3Server) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: multi-node Ray or subprocess runs of whole jobs (make test runs them)")
+    config.addinivalue_line(
+        "markers", "slow: multi-node Ray or subprocess runs of whole jobs (make test runs them)"
+    )

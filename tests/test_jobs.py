@@ -35,16 +35,32 @@ from tests.support.s3server import S3Server, free_port
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 JOB_NAMES = ("embed", "dedup", "mine", "reembed")
-UPLOAD_EXCLUDES = [".git", ".venv", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "demo-output",
-                   "build", "dist"]
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "demo-output",
+    "build",
+    "dist",
+]
 
 # A value of the wrong kind for one field of each job, and the start of the error that must name it.
 BAD_VALUES = {
-    "embed": ({"model": "m", "input": "in", "output": "out", "rows_per_shard": "many"},
-              "rows_per_shard: expected an integer, got 'many'"),
-    "dedup": ({"input": "in", "output": "out", "threshold": "high"}, "threshold: expected a number, got 'high'"),
-    "mine": ({"model": "m", "input": "in", "output": "out", "output_format": "pairs"},
-             "output_format: 'pairs' is not one of"),
+    "embed": (
+        {"model": "m", "input": "in", "output": "out", "rows_per_shard": "many"},
+        "rows_per_shard: expected an integer, got 'many'",
+    ),
+    "dedup": (
+        {"input": "in", "output": "out", "threshold": "high"},
+        "threshold: expected a number, got 'high'",
+    ),
+    "mine": (
+        {"model": "m", "input": "in", "output": "out", "output_format": "pairs"},
+        "output_format: 'pairs' is not one of",
+    ),
     "reembed": ({"model": "m", "input": "in", "output": "out", "keep": 0}, "keep: must be at least 1"),
 }
 # Runs a job module as `python -m` would, then reports whether it imported Ray.
@@ -60,8 +76,14 @@ finally:
 
 def run_job_module(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", **(env or {})}  # any Ray use would fail loudly
-    return subprocess.run([sys.executable, "-c", RUN_AND_CHECK_RAY, f"jobs.{job}", *args], cwd=REPO,
-                          env=environment, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_AND_CHECK_RAY, f"jobs.{job}", *args],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # --------------------------------------------------------------------------- specs, no Ray
@@ -180,14 +202,36 @@ def ray_head() -> Iterator[str]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp"))  # short: Ray's socket paths have a limit
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(temp_dir), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}")
-    ports = {name: free_port() for name in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "metrics-export-port", "node-manager-port", "object-manager-port")}
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-               f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               "--num-cpus=2", f"--object-store-memory={100 * 1024 * 1024}", f"--temp-dir={temp_dir}",
-               *(f"--{name}={port}" for name, port in ports.items())]
+    env.update(
+        RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(temp_dir), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}"
+    )
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    command = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--object-store-memory={100 * 1024 * 1024}",
+        f"--temp-dir={temp_dir}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
     log = (temp_dir / "ray-start.log").open("wb")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -196,13 +240,17 @@ def ray_head() -> Iterator[str]:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{(temp_dir / 'ray-start.log').read_text()}")
+                pytest.fail(
+                    f"ray start exited with {proc.returncode}:\n{(temp_dir / 'ray-start.log').read_text()}"
+                )
             try:
                 with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"the Ray dashboard did not answer:\n{(temp_dir / 'ray-start.log').read_text()}")
+                    pytest.fail(
+                        f"the Ray dashboard did not answer:\n{(temp_dir / 'ray-start.log').read_text()}"
+                    )
                 time.sleep(1)
         children = descendants(proc.pid)
         yield address
@@ -214,40 +262,73 @@ def ray_head() -> Iterator[str]:
 
 def submit(address: str, submission_id: str, env_vars: dict, *entrypoint: str) -> subprocess.CompletedProcess:
     runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
-               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    command = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        *entrypoint,
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
 
 
-def test_ray_job_submit_runs_jobs_embed_against_s3(ray_head: str, s3_server: S3Server, s3_bucket,
-                                                   tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_ray_job_submit_runs_jobs_embed_against_s3(
+    ray_head: str, s3_server: S3Server, s3_bucket, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     fs = s3_bucket.fs
     fs.put(str(tiny_model_dir), s3_bucket.path("models", "tiny"), recursive=True)
-    texts = [f"document {i}: " + " ".join(["alpha", "beta", "gamma", "delta"][: 1 + i % 4]) for i in range(60)]
-    corpus = pa.table({"id": pa.array(range(100, 160), pa.int64()), "text": texts,
-                       "lang": ["en", "de", "fr"] * 20})
+    texts = [
+        f"document {i}: " + " ".join(["alpha", "beta", "gamma", "delta"][: 1 + i % 4]) for i in range(60)
+    ]
+    corpus = pa.table(
+        {"id": pa.array(range(100, 160), pa.int64()), "text": texts, "lang": ["en", "de", "fr"] * 20}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(corpus, sink, row_group_size=20)
     fs.pipe_file(s3_bucket.path("corpus", "part-0.parquet"), sink.getvalue().to_pybytes())
     output = s3_bucket.path("embeddings")
-    spec = {"model": s3_bucket.path("models", "tiny"), "input": [s3_bucket.path("corpus")], "output": output,
-            "keep_columns": ["lang"], "rows_per_shard": 20, "workers": 1, "max_attempts": 2, "progress": False}
+    spec = {
+        "model": s3_bucket.path("models", "tiny"),
+        "input": [s3_bucket.path("corpus")],
+        "output": output,
+        "keep_columns": ["lang"],
+        "rows_per_shard": 20,
+        "workers": 1,
+        "max_attempts": 2,
+        "progress": False,
+    }
     fs.pipe_file(s3_bucket.path("specs", "embed.yaml"), yaml.safe_dump(spec).encode())
     # Credentials and endpoint travel in the job's runtime_env, as a cluster's Secret would provide them.
     env_vars = {**s3_server.env, "EMBEDPIPE_CACHE": str(tmp_path / "model-cache")}
 
     submission = f"embed-{uuid.uuid4().hex[:8]}"
-    result = submit(ray_head, submission, env_vars, "python", "-m", "jobs.embed", "--spec",
-                    s3_bucket.path("specs", "embed.yaml"))
+    result = submit(
+        ray_head,
+        submission,
+        env_vars,
+        "python",
+        "-m",
+        "jobs.embed",
+        "--spec",
+        s3_bucket.path("specs", "embed.yaml"),
+    )
     client = JobSubmissionClient(ray_head)
     logs = client.get_job_logs(submission)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
     assert client.get_job_status(submission) == JobStatus.SUCCEEDED
-    summary = json.loads(logs[logs.rindex('{\n  "output"'):logs.rindex("}") + 1])
+    summary = json.loads(logs[logs.rindex('{\n  "output"') : logs.rindex("}") + 1])
     assert summary["rows"] == 60 and summary["shards"]["total"] == 3
 
     table = read_dataset(output, s3_bucket.storage_options)
@@ -258,10 +339,20 @@ def test_ray_job_submit_runs_jobs_embed_against_s3(ray_head: str, s3_server: S3S
     assert np.isfinite(embeddings_of(table)).all()
 
     # A bad spec fails the Ray job (exit 2 from the driver), naming the field, before any work.
-    fs.pipe_file(s3_bucket.path("specs", "bad.yaml"), yaml.safe_dump({**spec, "rows_per_shard": "many"}).encode())
+    fs.pipe_file(
+        s3_bucket.path("specs", "bad.yaml"), yaml.safe_dump({**spec, "rows_per_shard": "many"}).encode()
+    )
     failing = f"embed-bad-{uuid.uuid4().hex[:8]}"
-    result = submit(ray_head, failing, env_vars, "python", "-m", "jobs.embed", "--spec",
-                    s3_bucket.path("specs", "bad.yaml"))
+    result = submit(
+        ray_head,
+        failing,
+        env_vars,
+        "python",
+        "-m",
+        "jobs.embed",
+        "--spec",
+        s3_bucket.path("specs", "bad.yaml"),
+    )
     assert result.returncode != 0
     assert client.get_job_status(failing) == JobStatus.FAILED
     assert "rows_per_shard: expected an integer, got 'many'" in client.get_job_logs(failing)

@@ -187,7 +187,9 @@ class PartsLoader:
         folder = OutputFolder(self.root, self.storage_options)
         arrays = []
         for number, part in enumerate(self.parts):
-            vectors = float_vectors(folder.read_part(part, ["embedding"]), self.metadata, folder.url_of(part["part"]))
+            vectors = float_vectors(
+                folder.read_part(part, ["embedding"]), self.metadata, folder.url_of(part["part"])
+            )
             picked = None if self.rows is None else self.rows[number]
             arrays.append(vectors if picked is None else vectors[np.asarray(picked, dtype=np.int64)])
         dim = self.metadata.get("dim") or (arrays[0].shape[1] if arrays else 0)

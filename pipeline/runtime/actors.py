@@ -61,7 +61,9 @@ class EncoderActor:
     def encode(self, texts: list[str], prompt: str | None = None, role: str | None = None) -> Any:
         return self.encoder.encode(texts, prompt=prompt, role=role)
 
-    def encode_counted(self, texts: list[str], prompt: str | None = None, role: str | None = None) -> tuple[int, Any]:
+    def encode_counted(
+        self, texts: list[str], prompt: str | None = None, role: str | None = None
+    ) -> tuple[int, Any]:
         """(rows, vectors). Called with ``.options(num_returns=2)``, the driver learns that a chunk is
         done (or failed) from the small first value while the vectors stay in the object store."""
         vectors = self.encode(texts, prompt, role)
@@ -210,8 +212,16 @@ class IndexShardActor:
         scores, indices = parts[0] if len(parts) == 1 else merge_topk(parts, k)
         return scores.cpu(), indices.cpu()
 
-    def cluster_topk(self, queries: Any, query_labels: Any, centroids: Any, fn: str, normalize: bool, k: int,
-                     block_size: int) -> tuple:
+    def cluster_topk(
+        self,
+        queries: Any,
+        query_labels: Any,
+        centroids: Any,
+        fn: str,
+        normalize: bool,
+        k: int,
+        block_size: int,
+    ) -> tuple:
         """Each query's k best rows of this slice among the rows in the query's own k-means cluster:
         (scores, global indices), -inf / -1 where the cluster holds fewer than k of this slice's rows."""
         import numpy as np
@@ -282,7 +292,9 @@ class IndexShardActor:
             bundles.append((index[mask], labels[mask], vectors[mask]))
         return bundles if owners > 1 else bundles[0]
 
-    def cluster_pairs(self, fn: str, threshold: float, block_size: int, forest: bool, *bundles: tuple) -> tuple:
+    def cluster_pairs(
+        self, fn: str, threshold: float, block_size: int, forest: bool, *bundles: tuple
+    ) -> tuple:
         """Exact pairs inside each cluster of the bundles this actor owns (global indices, i < j); with
         ``forest`` only their maximum spanning forest."""
         import numpy as np

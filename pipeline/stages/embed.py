@@ -259,7 +259,9 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     model_dir = local_model_dir(spec.model, storage_options)
     # An unknown --prompt-name fails here, with the model's other checks, before Ray and the actors start.
     try:  # an unknown prompt name or a role the model's Router lacks: before Ray and the actors start
-        role = resolve_role(check_model(model_dir, spec.allow_pickle), spec.role, spec.prompt_name, spec.prompt)
+        role = resolve_role(
+            check_model(model_dir, spec.allow_pickle), spec.role, spec.prompt_name, spec.prompt
+        )
     except ValueError as exc:
         raise EmbedOptionError(str(exc)) from None
     prompt = role.prompt

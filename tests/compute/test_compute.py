@@ -60,8 +60,9 @@ def _vectors(n: int, d: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 
 
-def assert_topk_matches(scores: torch.Tensor, idx: torch.Tensor, full: np.ndarray, k: int,
-                        error: np.ndarray) -> None:
+def assert_topk_matches(
+    scores: torch.Tensor, idx: torch.Tensor, full: np.ndarray, k: int, error: np.ndarray
+) -> None:
     """Against the float64 oracle; ``error``: score_error of the float32 scores. The data must leave the
     order to the float64 scores: neighbours in each row's top k + 1 differ by more than twice the error,
     or are exactly equal (small-integer data, exact in float32 too: then the lower index comes first)."""
@@ -69,8 +70,12 @@ def assert_topk_matches(scores: torch.Tensor, idx: torch.Tensor, full: np.ndarra
     want_s, want_i = brute_topk(full, k)
     top_s, top_i = brute_topk(full, min(k + 1, full.shape[1]))
     gaps = top_s[:, :-1] - top_s[:, 1:]
-    margin = 2 * np.maximum(np.take_along_axis(error, top_i[:, :-1], 1), np.take_along_axis(error, top_i[:, 1:], 1))
-    assert ((gaps == 0) | (gaps > margin)).all(), "test data: a near tie that float32 rounding may order either way"
+    margin = 2 * np.maximum(
+        np.take_along_axis(error, top_i[:, :-1], 1), np.take_along_axis(error, top_i[:, 1:], 1)
+    )
+    assert ((gaps == 0) | (gaps > margin)).all(), (
+        "test data: a near tie that float32 rounding may order either way"
+    )
     assert (np.abs(s - want_s) <= np.take_along_axis(error, want_i, 1)).all()
     np.testing.assert_array_equal(i, want_i)
 
@@ -164,7 +169,9 @@ def test_topk_corpus_offset() -> None:
     error = score_error(q, c, "dot")
     assert_topk_matches(s0, i0, brute_scores(q, c, "dot"), 5, error)
     assert torch.equal(i1, i0 + 1000)
-    assert (np.abs(s1.numpy() - s0.numpy()) <= 2 * np.take_along_axis(error, i0.numpy(), 1)).all()  # other tiles
+    assert (
+        np.abs(s1.numpy() - s0.numpy()) <= 2 * np.take_along_axis(error, i0.numpy(), 1)
+    ).all()  # other tiles
 
 
 def test_topk_ties_go_to_lower_index() -> None:
@@ -186,8 +193,9 @@ def test_topk_pads_when_k_exceeds_corpus() -> None:
     scores, idx = topk(
         torch.from_numpy(q), torch.from_numpy(c), "euclidean", 7, corpus_offset=20, block_size=3
     )
-    assert_topk_matches(scores[:, :4], idx[:, :4] - 20, brute_scores(q, c, "euclidean"), 4,
-                        score_error(q, c, "euclidean"))
+    assert_topk_matches(
+        scores[:, :4], idx[:, :4] - 20, brute_scores(q, c, "euclidean"), 4, score_error(q, c, "euclidean")
+    )
     assert (idx[:, 4:] == -1).all() and torch.isinf(scores[:, 4:]).all() and (scores[:, 4:] < 0).all()
     scores, idx = topk(torch.from_numpy(q), torch.zeros(0, 8), "dot", 3)
     assert (idx == -1).all() and scores.shape == (5, 3)

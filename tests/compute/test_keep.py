@@ -100,8 +100,9 @@ def test_crafted_near_tie_goes_to_the_lower_row(fn: str) -> None:
     rounding is a tie (lower row wins, though the other scores higher in float64); a nudge well above it
     is a real difference (the better member wins, though its row is higher)."""
     for delta, tied in ((1e-9, True), (1e-2, False)):
-        block = np.array([[2.0, 0.3, 0.0, 0.0], [2.0, -0.3 + delta, 0.0, 0.0],
-                          [1.0, 0.0, 2.0, 0.0], [1.0, 0.0, -2.0, 0.0]])
+        block = np.array(
+            [[2.0, 0.3, 0.0, 0.0], [2.0, -0.3 + delta, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0], [1.0, 0.0, -2.0, 0.0]]
+        )
         scores = scores_to(block, block.mean(axis=0), fn)
         tolerance = tie_tolerance(block, block.mean(axis=0), fn)
         better, worse = (1, 0) if scores[1] > scores[0] else (0, 1)

@@ -49,20 +49,28 @@ def fortunes_rows(table: pa.Table) -> list[int]:
     by_letters: dict[str, list[int]] = collections.defaultdict(list)
     for r, t in enumerate(texts):
         by_letters[re.sub(r"[^a-z0-9]+", "", t.lower())].append(r)
-    near = [group for group in by_letters.values()
-            if len({texts[r] for r in group}) > 1 and all(len(texts[r]) < 400 for r in group)]
+    near = [
+        group
+        for group in by_letters.values()
+        if len({texts[r] for r in group}) > 1 and all(len(texts[r]) < 400 for r in group)
+    ]
     return sorted({*rows, *(r for group in near[:24] for r in group)})
 
 
-SUBSETS = {"faq_pairs.parquet": faq_rows, "manpages_pairs.parquet": manpages_rows,
-           "fortunes.parquet": fortunes_rows}
+SUBSETS = {
+    "faq_pairs.parquet": faq_rows,
+    "manpages_pairs.parquet": manpages_rows,
+    "fortunes.parquet": fortunes_rows,
+}
 
 
 def main(source: Path) -> None:
     for name, select in SUBSETS.items():
         table = pq.read_table(source / name)
         rows = select(table)
-        subset = table.take(pa.array(rows, pa.int64())).append_column("source_row", pa.array(rows, pa.int64()))
+        subset = table.take(pa.array(rows, pa.int64())).append_column(
+            "source_row", pa.array(rows, pa.int64())
+        )
         pq.write_table(subset, HERE / name, compression="zstd", compression_level=19)
         print(f"{name}: {len(rows)} of {table.num_rows} rows, {(HERE / name).stat().st_size:,} bytes")
 

@@ -54,8 +54,10 @@ def auto_map_model(root: Path, marker: Path) -> tuple[Path, list[str]]:
 
 def auto_map_tokenizer(root: Path, marker: Path) -> tuple[Path, list[str]]:
     plant_code(root, "tokenization_evil", marker)
-    edit_json(root / "tokenizer_config.json",
-              lambda c: c.update(auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}))
+    edit_json(
+        root / "tokenizer_config.json",
+        lambda c: c.update(auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}),
+    )
     return root / "tokenizer_config.json", ["auto_map", "remote code"]
 
 
@@ -63,16 +65,27 @@ def router_with_custom_module(root: Path, marker: Path) -> tuple[Path, list[str]
     """A Router (modules.json's first module) whose route names a class from a planted file."""
     plant_code(root, "modeling_evil", marker)
     (root / "query_0_Evil").mkdir()
-    (root / "router_config.json").write_text(json.dumps({
-        "types": {"query_0_Evil": "modeling_evil.EvilTransformer"},
-        "structure": {"query": ["query_0_Evil"], "document": ["query_0_Evil"]},
-        "parameters": {"default_route": "document"},
-    }))
-    edit_json(root / "modules.json",
-              lambda modules: [dict(m, type="sentence_transformers.base.modules.router.Router") if m["idx"] == 0
-                               else m for m in modules])
-    return root / "router_config.json", ["unknown module type", "modeling_evil.EvilTransformer",
-                                         "custom module code is never imported"]
+    (root / "router_config.json").write_text(
+        json.dumps(
+            {
+                "types": {"query_0_Evil": "modeling_evil.EvilTransformer"},
+                "structure": {"query": ["query_0_Evil"], "document": ["query_0_Evil"]},
+                "parameters": {"default_route": "document"},
+            }
+        )
+    )
+    edit_json(
+        root / "modules.json",
+        lambda modules: [
+            dict(m, type="sentence_transformers.base.modules.router.Router") if m["idx"] == 0 else m
+            for m in modules
+        ],
+    )
+    return root / "router_config.json", [
+        "unknown module type",
+        "modeling_evil.EvilTransformer",
+        "custom module code is never imported",
+    ]
 
 
 def with_dense(root: Path, activation: str) -> Path:
@@ -82,9 +95,12 @@ def with_dense(root: Path, activation: str) -> Path:
 
     folder = root / "2_Dense"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"in_features": 32, "out_features": 32, "bias": True, "activation_function": activation}))
-    save_file({"linear.weight": torch.eye(32), "linear.bias": torch.zeros(32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(
+        json.dumps({"in_features": 32, "out_features": 32, "bias": True, "activation_function": activation})
+    )
+    save_file(
+        {"linear.weight": torch.eye(32), "linear.bias": torch.zeros(32)}, str(folder / "model.safetensors")
+    )
 
     def insert(modules: list) -> list:
         dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
@@ -104,14 +120,17 @@ def dense_activation(activation: str) -> Callable[[Path, Path], tuple[Path, list
 
 def module_path(path_of: Callable[[Path], str]) -> Callable[[Path, Path], tuple[Path, list[str]]]:
     """Point the Pooling module at `path_of(root)`; a well-formed Pooling folder waits there."""
+
     def make(root: Path, marker: Path) -> tuple[Path, list[str]]:
         target = path_of(root)
         if not target.startswith("/"):
             destination = (root / target).resolve()
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(root / "1_Pooling", destination, dirs_exist_ok=True)
-        edit_json(root / "modules.json",
-                  lambda modules: [dict(m, path=target) if m["type"].endswith("Pooling") else m for m in modules])
+        edit_json(
+            root / "modules.json",
+            lambda modules: [dict(m, path=target) if m["type"].endswith("Pooling") else m for m in modules],
+        )
         return root / "modules.json", ["module path", "escapes the model directory"]
 
     return make
@@ -173,12 +192,38 @@ def commands(model: Path, data: Path, out: Path) -> dict[str, list[str]]:
     common = ["--no-progress", "--workers", "1"]
     return {
         "inspect": ["inspect", str(model)],
-        "embed": ["embed", "--model", str(model), "--input", str(data / "corpus.parquet"), "--output",
-                  str(out / "embed"), *common],
-        "mine": ["mine", "--model", str(model), "--input", str(data / "pairs.parquet"), "--output", str(out / "mine"),
-                 *common],
-        "dedup": ["dedup", "--model", str(model), "--input", str(data / "corpus.parquet"), "--threshold", "0.9",
-                  "--output", str(out / "dedup"), *common],
+        "embed": [
+            "embed",
+            "--model",
+            str(model),
+            "--input",
+            str(data / "corpus.parquet"),
+            "--output",
+            str(out / "embed"),
+            *common,
+        ],
+        "mine": [
+            "mine",
+            "--model",
+            str(model),
+            "--input",
+            str(data / "pairs.parquet"),
+            "--output",
+            str(out / "mine"),
+            *common,
+        ],
+        "dedup": [
+            "dedup",
+            "--model",
+            str(model),
+            "--input",
+            str(data / "corpus.parquet"),
+            "--threshold",
+            "0.9",
+            "--output",
+            str(out / "dedup"),
+            *common,
+        ],
     }
 
 
@@ -186,18 +231,23 @@ FIGURES = {"hostile models": 0, "refusals": 0}
 
 
 @pytest.mark.parametrize("hostile", MODELS, ids=[m.name for m in MODELS])
-def test_hostile_model_is_refused_everywhere(hostile: Hostile, tiny_model_dir: Path, tmp_path: Path, no_ray,
-                                              capsys) -> None:
+def test_hostile_model_is_refused_everywhere(
+    hostile: Hostile, tiny_model_dir: Path, tmp_path: Path, no_ray, capsys
+) -> None:
     model = tmp_path / "models" / "deep" / "m"
     shutil.copytree(tiny_model_dir, model)
     marker = tmp_path / "REMOTE_CODE_RAN"
     offending, words = hostile.make(model, marker)
     data = tmp_path / "data"
     data.mkdir()
-    pq.write_table(pa.table({"id": list(range(6)), "text": [f"text number {i}" for i in range(6)]}),
-                   data / "corpus.parquet")
-    pq.write_table(pa.table({"query": [f"question {i}" for i in range(6)], "answer": [f"answer {i}" for i in range(6)]}),
-                   data / "pairs.parquet")
+    pq.write_table(
+        pa.table({"id": list(range(6)), "text": [f"text number {i}" for i in range(6)]}),
+        data / "corpus.parquet",
+    )
+    pq.write_table(
+        pa.table({"query": [f"question {i}" for i in range(6)], "answer": [f"answer {i}" for i in range(6)]}),
+        data / "pairs.parquet",
+    )
     out = tmp_path / "out"
     before = snapshot(tmp_path)
 

@@ -305,8 +305,9 @@ def test_model_without_token_type_ids(tiny: Callable[..., Path], tmp_path: Path)
     shutil.copytree(tiny(pooling="mean"), path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
-    config = DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=128)
+    config = DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128
+    )
     for name in ("config.json", "model.safetensors"):
         (path / name).unlink()
     DistilBertModel(config).save_pretrained(path)
@@ -505,7 +506,9 @@ def test_older_module_type_names(tiny: Callable[..., Path], tmp_path: Path, rele
     path = tmp_path / "older-types"
     shutil.copytree(tiny(pooling="mean", dense=[DenseSpec(8, "Tanh")]), path)
     names = RELEASE_TYPE_NAMES[release]
-    edit_json(path / "modules.json", lambda m: [e.update(type=names[e["type"].rsplit(".", 1)[-1]]) for e in m])
+    edit_json(
+        path / "modules.json", lambda m: [e.update(type=names[e["type"].rsplit(".", 1)[-1]]) for e in m]
+    )
     _, ours, _ = assert_parity(path)
     loaded = [m["type"] for m in ours.describe()["module_settings"]]
     assert loaded == ["Transformer", "Pooling", "Dense", "Normalize"]
@@ -581,7 +584,9 @@ def test_dense_activation_outside_torch_nn(broken: Path, activation: str) -> Non
 def test_dense_activation_needing_arguments(broken: Path) -> None:
     # A torch.nn class, but sentence-transformers builds the activation without arguments.
     edit_json(broken / "2_Dense" / "config.json", lambda c: c.update(activation_function="torch.nn.Linear"))
-    expect_config_error(broken, str(broken / "2_Dense" / "config.json"), "torch.nn.Linear", "without arguments")
+    expect_config_error(
+        broken, str(broken / "2_Dense" / "config.json"), "torch.nn.Linear", "without arguments"
+    )
 
 
 def test_auto_map_is_refused(broken: Path) -> None:

@@ -974,11 +974,25 @@ def test_embed_job_with_a_role_equals_sentence_transformers(ray_local, tmp_path,
     texts = TEXTS[:64]
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "c.parquet")
     out = str(tmp_path / "out")
-    run_embed(build_spec(EmbedSpec, {"model": str(model), "input": [str(tmp_path / "c.parquet")], "output": out,
-                                     "role": role, "rows_per_shard": 20, "progress": False}), log=lambda _m: None)
+    run_embed(
+        build_spec(
+            EmbedSpec,
+            {
+                "model": str(model),
+                "input": [str(tmp_path / "c.parquet")],
+                "output": out,
+                "role": role,
+                "rows_per_shard": 20,
+                "progress": False,
+            },
+        ),
+        log=lambda _m: None,
+    )
     got = embeddings_of(read_dataset(out))
     reference = SentenceTransformer(str(model), device="cpu")
     want = getattr(reference, f"encode_{role}")(texts, batch_size=32, convert_to_numpy=True)
-    noise = np.abs(want - getattr(reference, f"encode_{role}")(texts, batch_size=1, convert_to_numpy=True)).max()
+    noise = np.abs(
+        want - getattr(reference, f"encode_{role}")(texts, batch_size=1, convert_to_numpy=True)
+    ).max()
     assert np.abs(got - want).max() <= 1.5 * max(float(noise), 1e-5)
     assert dataset_metadata(out, None)["role"] == role

@@ -63,28 +63,45 @@ def multi_node():
 
 
 def texts(n: int) -> list[str]:
-    words = str.split("a worker or a driver dies at a random point and the next run finishes the job exactly once")
+    words = str.split(
+        "a worker or a driver dies at a random point and the next run finishes the job exactly once"
+    )
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(2 + i % 19)) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("chaos") / "corpus.parquet"
-    pq.write_table(pa.table({"id": list(range(ROWS)), "text": texts(ROWS)}), path, row_group_size=ROWS_PER_SHARD)
+    pq.write_table(
+        pa.table({"id": list(range(ROWS)), "text": texts(ROWS)}), path, row_group_size=ROWS_PER_SHARD
+    )
     return path
 
 
 def driver_corpus() -> bytes:
     sink = io.BytesIO()
-    pq.write_table(pa.table({"id": list(range(DRIVER_ROWS)), "text": texts(DRIVER_ROWS)}), sink,
-                   row_group_size=ROWS_PER_SHARD)
+    pq.write_table(
+        pa.table({"id": list(range(DRIVER_ROWS)), "text": texts(DRIVER_ROWS)}),
+        sink,
+        row_group_size=ROWS_PER_SHARD,
+    )
     return sink.getvalue()
 
 
 def spec_of(model: Path, corpus: Path, output: str, address: str, **extra) -> EmbedSpec:
-    return build_spec(EmbedSpec, {
-        "model": str(model), "input": [str(corpus)], "output": output, "rows_per_shard": ROWS_PER_SHARD,
-        "workers": 2, "ray_address": address, "progress": False, **extra})
+    return build_spec(
+        EmbedSpec,
+        {
+            "model": str(model),
+            "input": [str(corpus)],
+            "output": output,
+            "rows_per_shard": ROWS_PER_SHARD,
+            "workers": 2,
+            "ray_address": address,
+            "progress": False,
+            **extra,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +114,9 @@ def clean(multi_node, tiny_model_dir: Path, corpus: Path, tmp_path_factory: pyte
 
 
 def part_digests(fs, root: str) -> dict[str, str]:
-    return {name: hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() for name in visible_parts(fs, root)}
+    return {
+        name: hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() for name in visible_parts(fs, root)
+    }
 
 
 def local_fs():
@@ -133,8 +152,9 @@ def loaded_encoder_pids(cluster) -> list[int]:
     return pids
 
 
-def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Path, corpus: Path, clean: Path,
-                                                  s3_server, tmp_path: Path) -> None:
+def test_killing_encoder_actors_every_few_seconds(
+    multi_node, tiny_model_dir: Path, corpus: Path, clean: Path, s3_server, tmp_path: Path
+) -> None:
     fs = s3_fs(s3_server)
     bucket = f"workers-{os.getpid()}-{int(time.time() * 1000)}"
     s3_server.make_bucket(bucket)
@@ -144,9 +164,16 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
 
     def job(endpoint: str) -> None:
         try:
-            outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, f"s3://{root}", multi_node.address,
-                                                   storage_option=option_flags(endpoint)),
-                                           log=lambda _m: None)
+            outcome["summary"] = run_embed(
+                spec_of(
+                    tiny_model_dir,
+                    corpus,
+                    f"s3://{root}",
+                    multi_node.address,
+                    storage_option=option_flags(endpoint),
+                ),
+                log=lambda _m: None,
+            )
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
 
@@ -155,8 +182,12 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
     started = time.monotonic()
     # Every receipt PUT is held a moment, so the work phase lasts SHARDS * RECEIPT_DELAY_S / 2 seconds at
     # least, however fast the machine encodes: the kills land while shards are being processed.
-    with FaultProxy(s3_server.endpoint, delay_rate=1.0, delay_s=RECEIPT_DELAY_S,
-                    fault_filter=lambda method, path, _h: method == "PUT" and "/_parts/" in path) as proxy:
+    with FaultProxy(
+        s3_server.endpoint,
+        delay_rate=1.0,
+        delay_s=RECEIPT_DELAY_S,
+        fault_filter=lambda method, path, _h: method == "PUT" and "/_parts/" in path,
+    ) as proxy:
         thread = threading.Thread(target=job, args=(proxy.endpoint,), daemon=True)
         thread.start()
         try:
@@ -182,9 +213,20 @@ def test_killing_encoder_actors_every_few_seconds(multi_node, tiny_model_dir: Pa
     assert not thread.is_alive(), "the job did not finish"
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
-    print("FIGURES", json.dumps({"test": "worker kills", "kills": len(kills), "at (s, shards done)": kills,
-                                 "actors_replaced": summary["actors_replaced"], "retried": summary["shards"]["retried"],
-                                 "rows": summary["rows"], "seconds": round(time.monotonic() - started, 1)}))
+    print(
+        "FIGURES",
+        json.dumps(
+            {
+                "test": "worker kills",
+                "kills": len(kills),
+                "at (s, shards done)": kills,
+                "actors_replaced": summary["actors_replaced"],
+                "retried": summary["shards"]["retried"],
+                "rows": summary["rows"],
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        ),
+    )
     assert len(kills) >= 3, f"too few kills landed while the job ran: {kills}"
     assert summary["actors_replaced"] >= len(kills) and summary["shards"]["retried"] >= len(kills)
     assert summary["rows"] == ROWS and summary["shards"]["done"] == SHARDS
@@ -203,9 +245,26 @@ def s3_fs(s3_server):
 
 
 def cli_command(model: Path, corpus_url: str, output_url: str, endpoint: str, address: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "embed", "--model", str(model), "--input", corpus_url,
-            "--output", output_url, "--rows-per-shard", str(ROWS_PER_SHARD), "--workers", "2", "--no-progress",
-            "--ray-address", address, *(f"--storage-option={flag}" for flag in option_flags(endpoint))]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "embed",
+        "--model",
+        str(model),
+        "--input",
+        corpus_url,
+        "--output",
+        output_url,
+        "--rows-per-shard",
+        str(ROWS_PER_SHARD),
+        "--workers",
+        "2",
+        "--no-progress",
+        "--ray-address",
+        address,
+        *(f"--storage-option={flag}" for flag in option_flags(endpoint)),
+    ]
 
 
 def cli_env() -> dict[str, str]:
@@ -227,13 +286,13 @@ class Watch:
             found = self.fs.find(self.root)
         except FileNotFoundError:
             return set()
-        return {n[len(self.root) + 1:] for n in found if "_tmp." not in n}
+        return {n[len(self.root) + 1 :] for n in found if "_tmp." not in n}
 
     def parts(self, names: set[str]) -> set[str]:
-        return {n[:-len(".parquet")] for n in names if n.startswith("part-")}
+        return {n[: -len(".parquet")] for n in names if n.startswith("part-")}
 
     def receipts(self, names: set[str]) -> set[str]:
-        return {n[len("_parts/"):-len(".json")] for n in names if n.startswith("_parts/part-")}
+        return {n[len("_parts/") : -len(".json")] for n in names if n.startswith("_parts/part-")}
 
 
 def kill_when(proc: subprocess.Popen, log: Path, ready, timeout: float = 120) -> set[str]:
@@ -244,7 +303,9 @@ def kill_when(proc: subprocess.Popen, log: Path, ready, timeout: float = 120) ->
             seen = ready()
             if seen is not None:
                 return seen
-            assert proc.poll() is None, f"the driver exited first ({proc.returncode}): {log.read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"the driver exited first ({proc.returncode}): {log.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"kill point not reached: {log.read_text()[-3000:]}"
             time.sleep(0.02)
     finally:
@@ -253,8 +314,9 @@ def kill_when(proc: subprocess.Popen, log: Path, ready, timeout: float = 120) ->
         proc.wait(timeout=30)
 
 
-def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, clean: Path, s3_server,
-                                          tmp_path: Path) -> None:
+def test_killing_the_driver_at_each_stage(
+    multi_node, tiny_model_dir: Path, clean: Path, s3_server, tmp_path: Path
+) -> None:
     fs = s3_fs(s3_server)
     bucket = f"chaos-{os.getpid()}-{int(time.time())}"
     s3_server.make_bucket(bucket)
@@ -268,7 +330,7 @@ def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, clea
         assert check_output(root, fs) == []  # every visible part is whole
         for part in watch.parts(names):  # and holds exactly its shard's rows
             table = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{part}.parquet")))
-            first = int(part[len("part-"):]) * ROWS_PER_SHARD
+            first = int(part[len("part-") :]) * ROWS_PER_SHARD
             assert table.column("id").to_pylist() == list(range(first, first + ROWS_PER_SHARD))
 
     def ready_part_without_receipt():
@@ -277,7 +339,9 @@ def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, clea
 
     def ready_all_receipts():
         names = watch.names()
-        return names if len(watch.receipts(names)) == DRIVER_SHARDS and "_manifest.json" not in names else None
+        return (
+            names if len(watch.receipts(names)) == DRIVER_SHARDS and "_manifest.json" not in names else None
+        )
 
     def ready_manifest():
         names = watch.names()
@@ -296,15 +360,25 @@ def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, clea
     ]
     figures = []
     with FaultProxy(s3_server.endpoint) as proxy:
-        command = cli_command(tiny_model_dir, f"s3://{bucket}/in", f"s3://{root}", proxy.endpoint, multi_node.address)
+        command = cli_command(
+            tiny_model_dir, f"s3://{bucket}/in", f"s3://{root}", proxy.endpoint, multi_node.address
+        )
         for number, (stage, settings, ready) in enumerate(stages):
-            proxy.delay_rate, proxy.delay_s, proxy.fault_filter = (settings.get("delay_rate", 0.0),
-                                                                   settings.get("delay_s", 0.0),
-                                                                   settings.get("fault_filter"))
+            proxy.delay_rate, proxy.delay_s, proxy.fault_filter = (
+                settings.get("delay_rate", 0.0),
+                settings.get("delay_s", 0.0),
+                settings.get("fault_filter"),
+            )
             log = tmp_path / f"run{number}.log"
             with open(log, "wb") as sink:
-                proc = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=cli_env(),
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
                 if ready is None:
                     time.sleep(0.5)
                     kill_when(proc, log, lambda: set())
@@ -312,21 +386,33 @@ def test_killing_the_driver_at_each_stage(multi_node, tiny_model_dir: Path, clea
                     kill_when(proc, log, ready)
             observe_killed(stage)
             names = watch.names()
-            figures.append({"stage": stage, "parts": len(watch.parts(names)), "receipts": len(watch.receipts(names))})
+            figures.append(
+                {"stage": stage, "parts": len(watch.parts(names)), "receipts": len(watch.receipts(names))}
+            )
 
         proxy.delay_rate, proxy.fault_filter = 0.0, None
         final = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr[-3000:]
-    summary = json.loads(final.stdout[final.stdout.index("{"):])
+    summary = json.loads(final.stdout[final.stdout.index("{") :])
     assert summary["rows"] == DRIVER_ROWS and summary["shards"]["total"] == DRIVER_SHARDS
     assert "_SUCCESS" in watch.names()
     assert_same_as_clean(clean, fs, root, DRIVER_SHARDS)
     table = read_dataset(f"s3://{root}", s3_server.storage_options)
     assert table.column("id").to_pylist() == list(range(DRIVER_ROWS))
     assert (embeddings_of(table) == embeddings_of(read_dataset(str(clean)))[:DRIVER_ROWS]).all()
-    print("FIGURES", json.dumps({"test": "driver kills", "kills": len(stages), "stages": figures,
-                                 "final": summary["shards"], "requests": proxy.stats["requests"],
-                                 "delays": proxy.stats["delay"]}))
+    print(
+        "FIGURES",
+        json.dumps(
+            {
+                "test": "driver kills",
+                "kills": len(stages),
+                "stages": figures,
+                "final": summary["shards"],
+                "requests": proxy.stats["requests"],
+                "delays": proxy.stats["delay"],
+            }
+        ),
+    )
 
 
 def test_checker_catches_a_tampered_part(clean: Path, tmp_path: Path) -> None:

@@ -38,8 +38,22 @@ Rows = list[tuple[str, "str | None"]]  # (id, text) pairs a successful run must 
 
 
 def sentences(n: int, start: int = 0) -> list[str]:
-    words = ["hostile", "input", "must", "fail", "clearly", "or", "be", "kept", "exactly", "once", "and",
-             "nothing", "leaks", "out"]
+    words = [
+        "hostile",
+        "input",
+        "must",
+        "fail",
+        "clearly",
+        "or",
+        "be",
+        "kept",
+        "exactly",
+        "once",
+        "and",
+        "nothing",
+        "leaks",
+        "out",
+    ]
     return [" ".join(words[(i + j) % len(words)] for j in range(2 + i % 7)) for i in range(start, start + n)]
 
 
@@ -64,8 +78,9 @@ def rows_table(texts: list, ids: list[str]) -> pa.Table:
 def invalid_utf8_strings(values: list[bytes]) -> pa.Array:
     """A string column holding raw bytes, some not UTF-8 (as a buggy writer can produce)."""
     offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
-    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
-                                                            pa.py_buffer(b"".join(values))])
+    return pa.Array.from_buffers(
+        pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))]
+    )
 
 
 # --------------------------------------------------------------------------- inputs: each writes files
@@ -99,7 +114,9 @@ def megabyte_texts(d: Path, tag: str) -> Rows:
 
 
 def invalid_utf8_jsonl(d: Path, tag: str) -> Rows:
-    lines = [json.dumps({"id": i, "text": t}).encode() for i, t in zip(named(tag, N), sentences(N), strict=True)]
+    lines = [
+        json.dumps({"id": i, "text": t}).encode() for i, t in zip(named(tag, N), sentences(N), strict=True)
+    ]
     lines[11] = b'{"id": "x", "text": "caf\xe9 \xff\xfe"}'
     d.mkdir(parents=True, exist_ok=True)
     (d / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
@@ -118,15 +135,32 @@ def binary_text_column(d: Path, tag: str) -> Rows:
     return []
 
 
-CONTROL = ["nul\x00inside", "\x1b[31mred\x1b[0m", "bell\x07 and del\x7f", "line\u2028sep\u2029para",
-           "\ufeffbom first", "tab\tcr\rlf\nend", "\x01\x02\x03", "zero\u200bwidth\u200djoiner"]
-RTL = ["مرحبا بالعالم", "שלום עולם", "mixed english العربية עברית", "\u202egnp.exe\u202c override",
-       "e\u0301 cafe\u0301 n\u0303", "Z\u0351\u0364\u036b\u0350a\u0308\u0301l\u0315g\u0358o\u0321",
-       "\U0001f468\u200d\U0001f469\u200d\U0001f467 family", "ﷺ ﷽"]
+CONTROL = [
+    "nul\x00inside",
+    "\x1b[31mred\x1b[0m",
+    "bell\x07 and del\x7f",
+    "line\u2028sep\u2029para",
+    "\ufeffbom first",
+    "tab\tcr\rlf\nend",
+    "\x01\x02\x03",
+    "zero\u200bwidth\u200djoiner",
+]
+RTL = [
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "mixed english العربية עברית",
+    "\u202egnp.exe\u202c override",
+    "e\u0301 cafe\u0301 n\u0303",
+    "Z\u0351\u0364\u036b\u0350a\u0308\u0301l\u0315g\u0358o\u0321",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467 family",
+    "ﷺ ﷽",
+]
 
 
 def control_chars(d: Path, tag: str) -> Rows:
-    jsonl(d / "c.jsonl", [{"id": i, "text": t} for i, t in zip(named(tag, len(CONTROL)), CONTROL, strict=True)])
+    jsonl(
+        d / "c.jsonl", [{"id": i, "text": t} for i, t in zip(named(tag, len(CONTROL)), CONTROL, strict=True)]
+    )
     return list(zip(named(tag, len(CONTROL)), CONTROL, strict=True))
 
 
@@ -143,8 +177,20 @@ def duplicate_ids(d: Path, tag: str) -> Rows:
     return list(zip(named(tag, N) + ids_b, sentences(N) + sentences(N, 50), strict=True))
 
 
-PATH_IDS = ["../x", "/etc/passwd", "../../../../tmp/evil", "..\\..\\windows", "a/../../b", "~/.ssh/id_rsa",
-            "part-00000.parquet", "_SUCCESS", "_manifest.json", "file:///etc/shadow", "s3://other/bucket", ""]
+PATH_IDS = [
+    "../x",
+    "/etc/passwd",
+    "../../../../tmp/evil",
+    "..\\..\\windows",
+    "a/../../b",
+    "~/.ssh/id_rsa",
+    "part-00000.parquet",
+    "_SUCCESS",
+    "_manifest.json",
+    "file:///etc/shadow",
+    "s3://other/bucket",
+    "",
+]
 
 
 def path_like_ids(d: Path, tag: str) -> Rows:
@@ -210,25 +256,45 @@ CASES = [
     Case("null and empty texts embedded as ''", null_texts, EMPTY),
     Case("1 MB texts", megabyte_texts),
     Case("invalid UTF-8 in JSON Lines", invalid_utf8_jsonl, error=["c.jsonl", "row 11", "UTF-8"]),
-    Case("invalid UTF-8 in a Parquet string column", invalid_utf8_parquet, error=["c.parquet", "row 13", "UTF-8"]),
-    Case("invalid UTF-8 in Parquet, --on-null skip", invalid_utf8_parquet, SKIP,
-         error=["c.parquet", "row 13", "UTF-8"]),
-    Case("binary text column", binary_text_column, error=["c.parquet", "'text'", "binary", "expected strings"]),
+    Case(
+        "invalid UTF-8 in a Parquet string column",
+        invalid_utf8_parquet,
+        error=["c.parquet", "row 13", "UTF-8"],
+    ),
+    Case(
+        "invalid UTF-8 in Parquet, --on-null skip",
+        invalid_utf8_parquet,
+        SKIP,
+        error=["c.parquet", "row 13", "UTF-8"],
+    ),
+    Case(
+        "binary text column", binary_text_column, error=["c.parquet", "'text'", "binary", "expected strings"]
+    ),
     Case("control characters", control_chars),
     Case("right-to-left and combining characters", rtl_and_combining),
-    Case("duplicate ids fail", duplicate_ids, error=["b.parquet", "row 17", "duplicate id 'h5'", "a.parquet row 5"]),
+    Case(
+        "duplicate ids fail",
+        duplicate_ids,
+        error=["b.parquet", "row 17", "duplicate id 'h5'", "a.parquet row 5"],
+    ),
     Case("duplicate ids kept", duplicate_ids, SKIP + KEEP),
     Case("ids that look like paths", path_like_ids),
     Case("Parquet truncated mid-row-group", truncated_mid_row_group, error=["b.parquet", "corrupt"]),
     Case("schemas disagree", mismatched_types, error=["a.parquet", "b.parquet", "'id'", "disagree"]),
-    Case("text column missing in one file", missing_text_column, error=["b.parquet", "missing text column 'text'"]),
+    Case(
+        "text column missing in one file",
+        missing_text_column,
+        error=["b.parquet", "missing text column 'text'"],
+    ),
     Case("0-row file alone", zero_rows_only, error=["no rows"]),
     Case("0-row Parquet beside others", zero_rows_beside_others),
     Case("empty JSON Lines beside others", empty_jsonl_beside_others),
 ]
 FAILING = [c for c in CASES if c.error]
-GROUPS = {flags: [c for c in CASES if not c.error and c.flags == flags] for flags in
-          dict.fromkeys(c.flags for c in CASES if not c.error)}
+GROUPS = {
+    flags: [c for c in CASES if not c.error and c.flags == flags]
+    for flags in dict.fromkeys(c.flags for c in CASES if not c.error)
+}
 
 
 # --------------------------------------------------------------------------- running them
@@ -248,8 +314,25 @@ def run_cli(tmp_path: Path, model: Path, flags: tuple[str, ...], capsys) -> tupl
     """`embedpipe embed` over tmp_path/in into tmp_path/out; fails the test if anything else changed."""
     output = tmp_path / "out"
     before = snapshot(tmp_path)
-    code = cli.main(["embed", "--model", str(model), "--input", str(tmp_path / "in"), "--output", str(output),
-                     "--rows-per-shard", "8", "--workers", "1", "--no-progress", "--keep-columns", "text", *flags])
+    code = cli.main(
+        [
+            "embed",
+            "--model",
+            str(model),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(output),
+            "--rows-per-shard",
+            "8",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--keep-columns",
+            "text",
+            *flags,
+        ]
+    )
     captured = capsys.readouterr()
     after = snapshot(tmp_path)
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
@@ -262,7 +345,9 @@ FIGURES = Counter()
 
 
 @pytest.mark.parametrize("case", FAILING, ids=[c.name for c in FAILING])
-def test_hostile_input_fails_clearly(case: Case, ray_local, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_hostile_input_fails_clearly(
+    case: Case, ray_local, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     case.make(tmp_path / "in", "h")
     code, _, err, output = run_cli(tmp_path, tiny_model_dir, case.flags, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -278,14 +363,15 @@ def test_hostile_input_fails_clearly(case: Case, ray_local, tiny_model_dir: Path
 
 
 @pytest.mark.parametrize("flags", list(GROUPS), ids=[" ".join(f) or "defaults" for f in GROUPS])
-def test_hostile_input_is_embedded(flags: tuple[str, ...], ray_local, tiny_model_dir: Path, tmp_path: Path,
-                                   capsys) -> None:
+def test_hostile_input_is_embedded(
+    flags: tuple[str, ...], ray_local, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     expected: Rows = []
     for number, case in enumerate(GROUPS[flags]):
         expected += case.make(tmp_path / "in" / f"case{number}", f"g{number}-")
     code, out, err, output = run_cli(tmp_path, tiny_model_dir, flags, capsys)
     assert code == 0, err
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     skipped = sum(c.skipped for c in GROUPS[flags])
     assert summary["rows"] == len(expected) and summary["skipped_rows"] == skipped
     assert (output / "_SUCCESS").exists() and check_output(str(output)) == []

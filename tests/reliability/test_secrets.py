@@ -34,8 +34,13 @@ SECRETS = (ACCESS_KEY, SECRET_KEY, OPT_KEY, OPT_SECRET, OPT_TOKEN, ENV_TOKEN)
 
 
 def options(endpoint: str, *extra: str) -> list[str]:
-    pairs = [f"key={OPT_KEY}", f"secret={OPT_SECRET}", f"token={OPT_TOKEN}", f"client_kwargs.endpoint_url={endpoint}",
-             *extra]
+    pairs = [
+        f"key={OPT_KEY}",
+        f"secret={OPT_SECRET}",
+        f"token={OPT_TOKEN}",
+        f"client_kwargs.endpoint_url={endpoint}",
+        *extra,
+    ]
     return [f"--storage-option={p}" for p in pairs]
 
 
@@ -43,15 +48,18 @@ def ray_session_files() -> list[Path]:
     import ray
 
     session = Path(ray._private.worker._global_node.get_session_dir_path())
-    return [p for p in session.rglob("*") if p.is_file() and not p.is_symlink() and p.suffix not in (".sock",)]
+    return [
+        p for p in session.rglob("*") if p.is_file() and not p.is_symlink() and p.suffix not in (".sock",)
+    ]
 
 
 def leaks(blob: bytes) -> list[str]:
     return [s for s in SECRETS if s.encode() in blob]
 
 
-def test_no_secret_anywhere(ray_local, tiny_model_dir: Path, s3_server, s3_bucket, capfd, caplog,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_secret_anywhere(
+    ray_local, tiny_model_dir: Path, s3_server, s3_bucket, capfd, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("AWS_SESSION_TOKEN", ENV_TOKEN)
     fs, bucket = s3_bucket.fs, s3_bucket.name
@@ -74,20 +82,86 @@ def test_no_secret_anywhere(ray_local, tiny_model_dir: Path, s3_server, s3_bucke
         captured.append(f"{out}\n{err}")  # (not argv: the command line holds the secrets by design)
         return code
 
-    assert run(["-v", "embed", "--model", str(tiny_model_dir), "--input", url("corpus"), "--output", url("emb"),
-                "--rows-per-shard", "10", *common, *good]) == 0
-    assert run(["dedup", "--input", url("emb"), "--output", url("dedup"), "--threshold", "0.99", *common, *good]) == 0
-    assert run(["mine", "--model", str(tiny_model_dir), "--input", url("pairs"), "--output", url("mine"),
-                "--num-negatives", "2", *common, *good]) == 0
+    assert (
+        run(
+            [
+                "-v",
+                "embed",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                url("corpus"),
+                "--output",
+                url("emb"),
+                "--rows-per-shard",
+                "10",
+                *common,
+                *good,
+            ]
+        )
+        == 0
+    )
+    assert (
+        run(["dedup", "--input", url("emb"), "--output", url("dedup"), "--threshold", "0.99", *common, *good])
+        == 0
+    )
+    assert (
+        run(
+            [
+                "mine",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                url("pairs"),
+                "--output",
+                url("mine"),
+                "--num-negatives",
+                "2",
+                *common,
+                *good,
+            ]
+        )
+        == 0
+    )
     with FaultProxy(s3_server.endpoint, error_rate=1.0) as proxy:
         failing = options(proxy.endpoint, "config_kwargs.retries.total_max_attempts=1")
-        assert run(["-v", "embed", "--model", str(tiny_model_dir), "--input", url("corpus"), "--output",
-                    url("never"), *common, *failing]) == 2
+        assert (
+            run(
+                [
+                    "-v",
+                    "embed",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--input",
+                    url("corpus"),
+                    "--output",
+                    url("never"),
+                    *common,
+                    *failing,
+                ]
+            )
+            == 2
+        )
         assert proxy.stats["requests"] > 0
     # Nothing listens there, and the endpoint's path holds a secret: botocore's error quotes the URL.
     unreachable = options(f"http://127.0.0.1:9/{OPT_SECRET}", "config_kwargs.retries.total_max_attempts=1")
-    assert run(["-v", "mine", "--model", str(tiny_model_dir), "--input", url("pairs"), "--output", url("never2"),
-                *common, *unreachable]) == 2
+    assert (
+        run(
+            [
+                "-v",
+                "mine",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                url("pairs"),
+                "--output",
+                url("never2"),
+                *common,
+                *unreachable,
+            ]
+        )
+        == 2
+    )
     assert "Traceback" in captured[-1] and "embedpipe mine: error:" in captured[-1]  # -v: traceback, redacted
     assert "127.0.0.1:9/***" in captured[-1]
 
@@ -106,9 +180,18 @@ def test_no_secret_anywhere(ray_local, tiny_model_dir: Path, s3_server, s3_bucke
         blobs[str(path)] = path.read_bytes()
     found = {name: leaks(blob) for name, blob in blobs.items() if leaks(blob)}
     assert found == {}, f"secrets leaked: {found}"
-    print("FIGURES", json.dumps({"runs": len(captured), "failing runs": 2, "secrets": len(SECRETS),
-                                 "objects searched": sum(n.startswith("s3://") for n in blobs),
-                                 "ray files searched": len(session_files),
-                                 "ray bytes searched": sum(p.stat().st_size for p in session_files),
-                                 "leaks": 0}))
+    print(
+        "FIGURES",
+        json.dumps(
+            {
+                "runs": len(captured),
+                "failing runs": 2,
+                "secrets": len(SECRETS),
+                "objects searched": sum(n.startswith("s3://") for n in blobs),
+                "ray files searched": len(session_files),
+                "ray bytes searched": sum(p.stat().st_size for p in session_files),
+                "leaks": 0,
+            }
+        ),
+    )
     assert os.environ["AWS_SESSION_TOKEN"] == ENV_TOKEN

@@ -49,10 +49,22 @@ def test_more_workers_than_cpus_share_them(ray_local, tiny_model_dir, tmp_path) 
 
     rows = 24
     corpus = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"id": list(range(rows)), "text": [f"text number {i}" for i in range(rows)]}), corpus,
-                   row_group_size=4)
-    spec = build_spec(EmbedSpec, {"model": str(tiny_model_dir), "input": [str(corpus)], "output": str(tmp_path / "o"),
-                                  "rows_per_shard": 4, "workers": cpus + 1, "progress": False})
+    pq.write_table(
+        pa.table({"id": list(range(rows)), "text": [f"text number {i}" for i in range(rows)]}),
+        corpus,
+        row_group_size=4,
+    )
+    spec = build_spec(
+        EmbedSpec,
+        {
+            "model": str(tiny_model_dir),
+            "input": [str(corpus)],
+            "output": str(tmp_path / "o"),
+            "rows_per_shard": 4,
+            "workers": cpus + 1,
+            "progress": False,
+        },
+    )
     summary = run_embed(spec, log=lambda _m: None)
     assert summary["workers"] == cpus + 1 and summary["rows"] == rows
     assert read_dataset(str(tmp_path / "o")).column("id").to_pylist() == list(range(rows))
@@ -91,7 +103,9 @@ def test_a_replacement_that_never_starts_hands_its_shards_to_the_others(ray_loca
         def on_result(key, item, result) -> None:
             results.append(result)
             if len(results) == 3:
-                ray.kill(pool.actors[0], no_restart=True)  # a lost worker; its replacement can never be placed
+                ray.kill(
+                    pool.actors[0], no_restart=True
+                )  # a lost worker; its replacement can never be placed
 
         stats = pool.run_queue([(i, i * 10) for i in range(30)], submit, on_result=on_result)
     assert sorted(r["key"] for r in results) == list(range(30))  # every item exactly once

@@ -81,7 +81,9 @@ def forward_error(reference: np.ndarray, model_dir: str | Path) -> np.ndarray:
             settings = found  # the backbone's config (a Transformer module may sit in a subfolder)
             break
     layers = int(settings.get("num_hidden_layers", 1))
-    width = max(int(settings.get("hidden_size", reference.shape[1])), int(settings.get("intermediate_size", 0)))
+    width = max(
+        int(settings.get("hidden_size", reference.shape[1])), int(settings.get("intermediate_size", 0))
+    )
     return 2 * np.sqrt(layers + 1) * sum_error(width) * np.linalg.norm(reference, axis=1, keepdims=True)
 
 

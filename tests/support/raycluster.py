@@ -28,7 +28,11 @@ def multi_node_cluster(workers: int = 2, join: bool = False) -> Iterator:
         mp.delenv("RAY_ADDRESS", raising=False)
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 1,
+                "object_store_memory": OBJECT_STORE_BYTES,
+                "include_dashboard": False,
+            },
         )
         try:
             cluster.added = [

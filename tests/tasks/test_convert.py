@@ -61,9 +61,21 @@ def mined(ray_cluster, tiny_model_dir: Path, tmp_path_factory) -> Path:
     pairs = root / "pairs.parquet"
     pq.write_table(pa.table({A: [r[0] for r in rows], P: [r[1] for r in rows]}), pairs)
     output = root / "mined"
-    run_mine(build_spec(MineSpec, {"model": str(tiny_model_dir), "input": [str(pairs)], "output": str(output),
-                                   "num_negatives": 3, "anchors_per_block": 10, "workers": 1, "progress": False}),
-             log=quiet)
+    run_mine(
+        build_spec(
+            MineSpec,
+            {
+                "model": str(tiny_model_dir),
+                "input": [str(pairs)],
+                "output": str(output),
+                "num_negatives": 3,
+                "anchors_per_block": 10,
+                "workers": 1,
+                "progress": False,
+            },
+        ),
+        log=quiet,
+    )
     return output
 
 
@@ -108,38 +120,76 @@ def test_round_trip_on_a_mine_output(mined: Path, tmp_path: Path, capsys) -> Non
     # The output loads as a Hugging Face dataset.
     from datasets import load_dataset
 
-    dataset = load_dataset("parquet", data_files=[str(p) for p in sorted((tmp_path / "pairs").glob("part-*"))],
-                           split="train", cache_dir=str(tmp_path / "hf"))
+    dataset = load_dataset(
+        "parquet",
+        data_files=[str(p) for p in sorted((tmp_path / "pairs").glob("part-*"))],
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
     assert dataset.column_names == [A, P, "label"] and len(dataset) == pairs.num_rows
 
 
 def test_n_tuple_file_and_anchors_spanning_parts(tmp_path: Path) -> None:
-    common = dict(positive_scores=[[0.9, 0.8], [0.7], [0.6]], negative_scores=[[0.5, 0.4], [0.3, 0.2], [0.1, 0.0]],
-                  num_negatives=2, anchor_column="q", positive_column="d")
-    ntuple = build_table("n-tuple", anchors=["a", "b", "c"], positives=[["p1", "p2"], ["p"], ["r"]],
-                         negatives=[["n1", "n2"], ["m1", "m2"], ["o1", "o2"]], **common)
+    common = dict(
+        positive_scores=[[0.9, 0.8], [0.7], [0.6]],
+        negative_scores=[[0.5, 0.4], [0.3, 0.2], [0.1, 0.0]],
+        num_negatives=2,
+        anchor_column="q",
+        positive_column="d",
+    )
+    ntuple = build_table(
+        "n-tuple",
+        anchors=["a", "b", "c"],
+        positives=[["p1", "p2"], ["p"], ["r"]],
+        negatives=[["n1", "n2"], ["m1", "m2"], ["o1", "o2"]],
+        **common,
+    )
     # One Parquet file.
     pq.write_table(ntuple, tmp_path / "ntuple.parquet")
-    summary = run_convert(build_spec(ConvertSpec, {"to": "labeled-pair", "input": str(tmp_path / "ntuple.parquet"),
-                                                   "output": str(tmp_path / "out1")}), log=quiet)
+    summary = run_convert(
+        build_spec(
+            ConvertSpec,
+            {
+                "to": "labeled-pair",
+                "input": str(tmp_path / "ntuple.parquet"),
+                "output": str(tmp_path / "out1"),
+            },
+        ),
+        log=quiet,
+    )
     assert summary["parts"] == 1 and read_folder(tmp_path / "out1").equals(to_labeled_pair(ntuple, "q", "d"))
     # A folder whose parts split anchor "a": converted as one table, so "a" keeps all its rows together.
     folder = tmp_path / "parts"
     folder.mkdir()
     pq.write_table(ntuple.slice(0, 1), folder / "part-00000.parquet")
     pq.write_table(ntuple.slice(1), folder / "part-00001.parquet")
-    summary = run_convert(build_spec(ConvertSpec, {"to": "labeled-pair", "input": str(folder),
-                                                   "output": str(tmp_path / "out2")}), log=quiet)
+    summary = run_convert(
+        build_spec(
+            ConvertSpec, {"to": "labeled-pair", "input": str(folder), "output": str(tmp_path / "out2")}
+        ),
+        log=quiet,
+    )
     assert not summary["streamed"] and summary["parts"] == 1
     assert read_folder(tmp_path / "out2").equals(to_labeled_pair(ntuple, "q", "d"))
 
 
 def test_scores_become_score_and_cannot_go_back(tmp_path: Path, capsys) -> None:
-    table = build_table("triplet", anchors=["a"], positives=[["p"]], positive_scores=[[0.9]],
-                        negatives=[["n1", "n2"]], negative_scores=[[0.5, 0.4]], num_negatives=2, output_scores=True,
-                        anchor_column="anchor", positive_column="positive")
+    table = build_table(
+        "triplet",
+        anchors=["a"],
+        positives=[["p"]],
+        positive_scores=[[0.9]],
+        negatives=[["n1", "n2"]],
+        negative_scores=[[0.5, 0.4]],
+        num_negatives=2,
+        output_scores=True,
+        anchor_column="anchor",
+        positive_column="positive",
+    )
     pq.write_table(table, tmp_path / "t.parquet")
-    code, _, _ = convert(capsys, "--to", "labeled-pair", str(tmp_path / "t.parquet"), str(tmp_path / "scored"))
+    code, _, _ = convert(
+        capsys, "--to", "labeled-pair", str(tmp_path / "t.parquet"), str(tmp_path / "scored")
+    )
     assert code == 0
     scored = read_folder(tmp_path / "scored")
     assert scored.column_names == ["anchor", "positive", "score"]
@@ -156,13 +206,21 @@ def test_writes_to_s3_with_storage_options(mined: Path, s3_bucket, capsys) -> No
     code, summary, _ = convert(capsys, "--to", "labeled-pair", str(mined), target, *options)
     assert code == 0 and summary["parts"] == 3
     names = sorted(n.rsplit("/", 1)[-1] for n in s3_bucket.fs.ls(f"{s3_bucket.name}/training/pairs"))
-    assert names == ["_SUCCESS", "_manifest.json", "_parts", "part-00000.parquet", "part-00001.parquet",
-                     "part-00002.parquet"]
+    assert names == [
+        "_SUCCESS",
+        "_manifest.json",
+        "_parts",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     with s3_bucket.fs.open(f"{s3_bucket.name}/training/pairs/part-00001.parquet", "rb") as handle:
         part = pq.read_table(handle)
     assert part.equals(to_labeled_pair(pq.read_table(mined / "part-00001.parquet"), A, P))
     # Back from S3 to S3.
-    code, summary, _ = convert(capsys, "--to", "triplet", target, s3_bucket.path("training", "triplets"), *options)
+    code, summary, _ = convert(
+        capsys, "--to", "triplet", target, s3_bucket.path("training", "triplets"), *options
+    )
     assert code == 0 and summary["rows_out"] == read_folder(mined).num_rows
 
 
@@ -174,7 +232,9 @@ def _labeled(tmp_path: Path, name: str, table: pa.Table) -> str:
 def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_path: Path, capsys) -> None:
     pairs = _labeled(tmp_path, "pairs.parquet", pa.table({"q": ["a", "a"], "d": ["p", "n"], "label": [1, 0]}))
     triplet = _labeled(tmp_path, "triplet.parquet", pa.table({"q": ["a"], "d": ["p"], "negative": ["n"]}))
-    bad_labels = _labeled(tmp_path, "labels.parquet", pa.table({"q": ["a", "a"], "d": ["p", "n"], "label": [1, 2]}))
+    bad_labels = _labeled(
+        tmp_path, "labels.parquet", pa.table({"q": ["a", "a"], "d": ["p", "n"], "label": [1, 2]})
+    )
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     for name in ("part-00000.parquet", "_plan.json"):
@@ -183,10 +243,19 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
     complete.mkdir()
     (complete / "_SUCCESS").write_bytes(b"")
     cases = [
-        (["--to", "labeled-pair", pairs], "not a triplet or n-tuple table: no 'negative' or 'negative_<i>' column"),
+        (
+            ["--to", "labeled-pair", pairs],
+            "not a triplet or n-tuple table: no 'negative' or 'negative_<i>' column",
+        ),
         (["--to", "triplet", triplet], "to make triplets the input needs a 0/1 'label' column"),
-        (["--to", "labeled-pair", "--anchor-column", "query", triplet], "missing anchor column 'query'; has q, d"),
-        (["--to", "labeled-pair", "--positive-column", "q", triplet], "the anchor and positive columns must differ"),
+        (
+            ["--to", "labeled-pair", "--anchor-column", "query", triplet],
+            "missing anchor column 'query'; has q, d",
+        ),
+        (
+            ["--to", "labeled-pair", "--positive-column", "q", triplet],
+            "the anchor and positive columns must differ",
+        ),
         (["--to", "triplet", bad_labels], "labels must be 0 or 1, found [2]"),
         (["--to", "labeled-pair", str(tmp_path / "missing.parquet")], "missing.parquet: not found"),
         (["--to", "labeled-pair", str(incomplete)], "an incomplete embedpipe output (no _SUCCESS)"),
@@ -202,8 +271,11 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
     assert code == 2 and "already holds a complete output" in err
     assert sorted(p.name for p in complete.iterdir()) == ["_SUCCESS"]
     # Usage errors (a missing or bad --to, no output): exit code 2, from argparse or from the spec's check.
-    for args in (["convert", str(mined), str(tmp_path / "x")], ["convert", "--to", "pairs", str(mined), "x"],
-                 ["convert", "--to", "triplet", str(mined)]):
+    for args in (
+        ["convert", str(mined), str(tmp_path / "x")],
+        ["convert", "--to", "pairs", str(mined), "x"],
+        ["convert", "--to", "triplet", str(mined)],
+    ):
         try:
             code = cli.main(args)
         except SystemExit as exit_info:
@@ -212,7 +284,9 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
     with pytest.raises(SpecError, match="to: 'pairs' is not one of"):
         build_spec(ConvertSpec, {"to": "pairs", "input": "x", "output": "y"})
     with pytest.raises(ConvertError, match="not found"):
-        run_convert(build_spec(ConvertSpec, {"to": "triplet", "input": str(tmp_path / "nope"), "output": "y"}))
+        run_convert(
+            build_spec(ConvertSpec, {"to": "triplet", "input": str(tmp_path / "nope"), "output": "y"})
+        )
 
 
 def test_console_script(mined: Path, tmp_path: Path) -> None:
@@ -220,11 +294,21 @@ def test_console_script(mined: Path, tmp_path: Path) -> None:
     if not script.exists():
         pytest.skip("the embedpipe console script is not installed in this environment")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    ok = subprocess.run([str(script), "convert", "--to", "labeled-pair", str(mined), str(tmp_path / "out")],
-                        capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        [str(script), "convert", "--to", "labeled-pair", str(mined), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["rows_out"] == read_folder(tmp_path / "out").num_rows
-    bad = subprocess.run([str(script), "convert", "--to", "triplet", str(mined), str(tmp_path / "bad")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(
+        [str(script), "convert", "--to", "triplet", str(mined), str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "needs a 0/1 'label' column" in bad.stderr
     assert not (tmp_path / "bad").exists()

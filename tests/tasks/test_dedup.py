@@ -81,8 +81,9 @@ def bfs_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
     return groups
 
 
-def oracle(vectors: np.ndarray, fn: str, threshold: float, keep: str = "first", texts=None,
-           margin: float = 0.0) -> dict:
+def oracle(
+    vectors: np.ndarray, fn: str, threshold: float, keep: str = "first", texts=None, margin: float = 0.0
+) -> dict:
     """Pairs (i < j) at the threshold, groups, the kept row of each group, removed rows."""
     scores = brute_scores(vectors, vectors, fn)
     upper = np.triu(np.ones(scores.shape, dtype=bool), 1)
@@ -104,8 +105,13 @@ def oracle(vectors: np.ndarray, fn: str, threshold: float, keep: str = "first", 
             tied = to_mean >= to_mean.max() - tie_tolerance(block, mean[0], fn)
             kept.append(members[int(np.flatnonzero(tied)[0])])  # members are sorted
     removed = sorted(r for members, k in zip(groups, kept, strict=True) for r in members if r != k)
-    return {"scores": scores, "pairs": set(zip(i.tolist(), j.tolist(), strict=True)), "groups": groups,
-            "kept": kept, "removed": removed}
+    return {
+        "scores": scores,
+        "pairs": set(zip(i.tolist(), j.tolist(), strict=True)),
+        "groups": groups,
+        "kept": kept,
+        "removed": removed,
+    }
 
 
 # ---------------------------------------------------------------- test data
@@ -156,19 +162,41 @@ def case_texts() -> list[str]:
     return [f"t{r}-" + "x" * int(n) for r, n in enumerate(lengths)]
 
 
-def write_dataset(root: str, vectors: np.ndarray, ids: list, *, fn: str = "cosine", normalized: bool = True,
-                  texts: list[str] | None = None, parts=PART_ROWS, storage_options: dict | None = None,
-                  metadata: dict | None = None) -> dict:
+def write_dataset(
+    root: str,
+    vectors: np.ndarray,
+    ids: list,
+    *,
+    fn: str = "cosine",
+    normalized: bool = True,
+    texts: list[str] | None = None,
+    parts=PART_ROWS,
+    storage_options: dict | None = None,
+    metadata: dict | None = None,
+) -> dict:
     """An embed output exactly as the embed job lays it out (parts, receipts, manifest, _SUCCESS)."""
-    meta = {"model": "synthetic", "model_name": "synthetic", "fingerprint": "synthetic-0", "pooling": ["mean"],
-            "normalized": normalized, "similarity_fn_name": fn, "prompt": "", "dim": int(vectors.shape[1]),
-            "precision": "float32", "text_column": "text", "id_column": "id", "version": "test"}
+    meta = {
+        "model": "synthetic",
+        "model_name": "synthetic",
+        "fingerprint": "synthetic-0",
+        "pooling": ["mean"],
+        "normalized": normalized,
+        "similarity_fn_name": fn,
+        "prompt": "",
+        "dim": int(vectors.shape[1]),
+        "precision": "float32",
+        "text_column": "text",
+        "id_column": "id",
+        "version": "test",
+    }
     meta.update(metadata or {})
     assert sum(parts) == len(vectors)
     start = 0
     for shard, rows in enumerate(parts):
-        columns = {"id": pa.array(ids[start : start + rows]),
-                   "embedding": quantize(vectors[start : start + rows], "float32")}
+        columns = {
+            "id": pa.array(ids[start : start + rows]),
+            "embedding": quantize(vectors[start : start + rows], "float32"),
+        }
         if texts is not None:
             columns["text"] = pa.array(texts[start : start + rows], pa.string())
         write_embedding_part(OutputFolder(root, storage_options), shard, pa.table(columns), meta)
@@ -218,13 +246,25 @@ def same_pairs(a: pa.Table, b: pa.Table) -> None:
     """Pairs files of two cosine runs: the same pairs; scores equal up to the float32 rounding of other tile
     shapes (each run within sum_error(DIM) of the exact cosine)."""
     assert a.drop_columns(["score"]).equals(b.drop_columns(["score"]))
-    np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=0,
-                               atol=2 * sum_error(DIM))
+    np.testing.assert_allclose(
+        a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=0, atol=2 * sum_error(DIM)
+    )
 
 
-def check_output(out: str, vectors: np.ndarray, ids: list, fn: str, threshold: float, *, keep: str = "first",
-                 texts=None, floor: float | None = None, storage_options: dict | None = None,
-                 margin: float = 0.0, raw: bool = False) -> dict:
+def check_output(
+    out: str,
+    vectors: np.ndarray,
+    ids: list,
+    fn: str,
+    threshold: float,
+    *,
+    keep: str = "first",
+    texts=None,
+    floor: float | None = None,
+    storage_options: dict | None = None,
+    margin: float = 0.0,
+    raw: bool = False,
+) -> dict:
     """Everything dedup wrote, against the oracle (``raw``: the input was a raw corpus, so kept/ has no
     embedding column)."""
     want = oracle(vectors, fn, threshold, keep, texts, margin)
@@ -240,8 +280,12 @@ def check_output(out: str, vectors: np.ndarray, ids: list, fn: str, threshold: f
     assert len(set(removed)) == len(removed)
     members: dict[int, set] = collections.defaultdict(set)
     kept_of: dict[int, set] = collections.defaultdict(set)
-    for rid, gid, kid in zip(dup.column("id").to_pylist(), dup.column("group_id").to_pylist(),
-                             dup.column("kept_id").to_pylist(), strict=True):
+    for rid, gid, kid in zip(
+        dup.column("id").to_pylist(),
+        dup.column("group_id").to_pylist(),
+        dup.column("kept_id").to_pylist(),
+        strict=True,
+    ):
         members[gid].update({row_of[rid], row_of[kid]})
         kept_of[gid].add(row_of[kid])
     assert all(len(k) == 1 for k in kept_of.values()), "one kept row per group"
@@ -319,11 +363,27 @@ def cosine_run(tmp_path_factory) -> dict:
     vectors, ids, texts = case_vectors("cosine"), case_ids("cosine"), case_texts()
     write_dataset(str(root / "input"), vectors, ids, texts=texts)
     _, threshold, stricter, margin = CASES["cosine"]
-    report = run_dedup(spec(input=str(root / "input"), output=str(root / "out"), threshold=threshold,
-                            workers=1, block_size=4096))
-    return {"root": root, "input": str(root / "input"), "out": str(root / "out"), "vectors": vectors,
-            "ids": ids, "texts": texts, "threshold": threshold, "stricter": stricter, "margin": margin,
-            "report": report}
+    report = run_dedup(
+        spec(
+            input=str(root / "input"),
+            output=str(root / "out"),
+            threshold=threshold,
+            workers=1,
+            block_size=4096,
+        )
+    )
+    return {
+        "root": root,
+        "input": str(root / "input"),
+        "out": str(root / "out"),
+        "vectors": vectors,
+        "ids": ids,
+        "texts": texts,
+        "threshold": threshold,
+        "stricter": stricter,
+        "margin": margin,
+        "report": report,
+    }
 
 
 # ---------------------------------------------------------------- exact mode, per similarity function
@@ -343,8 +403,9 @@ def test_planted_structure_is_what_the_tests_assume() -> None:
 
 def test_cosine_exact_keep_first(cosine_run) -> None:
     c = cosine_run
-    report = check_output(c["out"], c["vectors"], c["ids"], "cosine", c["threshold"], texts=c["texts"],
-                          margin=c["margin"])
+    report = check_output(
+        c["out"], c["vectors"], c["ids"], "cosine", c["threshold"], texts=c["texts"], margin=c["margin"]
+    )
     assert report["mode"] == "exact" and report["workers"] == 1
     assert report["group_size_histogram"]["3"] == 3 and report["group_size_histogram"]["4"] == 2
     kept = read_folder(f"{c['out']}/kept")
@@ -363,10 +424,27 @@ def test_dot_on_s3_keep_centroid(tmp_path, s3_bucket) -> None:
     vectors, ids = case_vectors("dot"), case_ids("dot")
     _, threshold, _, margin = CASES["dot"]
     write_dataset(s3_bucket.path("emb"), vectors, ids, fn="dot", normalized=False, storage_options=options)
-    report = run_dedup(spec(input=s3_bucket.path("emb"), output=s3_bucket.path("dedup"), threshold=threshold,
-                            keep="centroid", workers=2, block_size=7, storage_option=flags))
-    check_output(s3_bucket.path("dedup"), vectors, ids, "dot", threshold, keep="centroid",
-                 storage_options=options, margin=margin)
+    report = run_dedup(
+        spec(
+            input=s3_bucket.path("emb"),
+            output=s3_bucket.path("dedup"),
+            threshold=threshold,
+            keep="centroid",
+            workers=2,
+            block_size=7,
+            storage_option=flags,
+        )
+    )
+    check_output(
+        s3_bucket.path("dedup"),
+        vectors,
+        ids,
+        "dot",
+        threshold,
+        keep="centroid",
+        storage_options=options,
+        margin=margin,
+    )
     assert report["workers"] == 2
     dup = read_file(s3_bucket.path("dedup", "duplicates.parquet"), options)
     assert dup.schema.field("id").type == pa.int64() and dup.schema.field("kept_id").type == pa.int64()
@@ -377,10 +455,27 @@ def test_similarity_override_euclidean_keep_longest(tmp_path) -> None:
     vectors, ids, texts = case_vectors("euclidean"), case_ids("euclidean"), case_texts()
     _, threshold, _, margin = CASES["euclidean"]
     write_dataset(str(tmp_path / "in"), vectors, ids, fn="cosine", normalized=False, texts=texts)
-    report = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=threshold,
-                            similarity="euclidean", keep="longest", workers=2, block_size=64))
-    check_output(str(tmp_path / "out"), vectors, ids, "euclidean", threshold, keep="longest", texts=texts,
-                 margin=margin)
+    report = run_dedup(
+        spec(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            threshold=threshold,
+            similarity="euclidean",
+            keep="longest",
+            workers=2,
+            block_size=64,
+        )
+    )
+    check_output(
+        str(tmp_path / "out"),
+        vectors,
+        ids,
+        "euclidean",
+        threshold,
+        keep="longest",
+        texts=texts,
+        margin=margin,
+    )
     assert report["workers"] == 2
     # exact copies are at distance exactly 0, not the expansion's cancellation error
     dup = read_file(str(tmp_path / "out" / "duplicates.parquet")).to_pylist()
@@ -395,11 +490,13 @@ def test_manhattan_through_cli_and_yaml_spec(tmp_path, capsys) -> None:
     _, threshold, _, margin = CASES["manhattan"]
     write_dataset(str(tmp_path / "in"), vectors, ids, fn="manhattan", normalized=False, texts=texts)
     spec_file = tmp_path / "dedup.yaml"
-    spec_file.write_text(f"input: {tmp_path / 'in'}\noutput: {tmp_path / 'out'}\nthreshold: {threshold}\n"
-                         "keep: first\nblock_size: 64\nprogress: false\n")
+    spec_file.write_text(
+        f"input: {tmp_path / 'in'}\noutput: {tmp_path / 'out'}\nthreshold: {threshold}\n"
+        "keep: first\nblock_size: 64\nprogress: false\n"
+    )
     assert main(["dedup", "--spec", str(spec_file), "--workers", "1"]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{"):])
+    summary = json.loads(printed[printed.index("{") :])
     assert summary["similarity_fn_name"] == "manhattan" and summary["rows_in"] == N
     check_output(str(tmp_path / "out"), vectors, ids, "manhattan", threshold, texts=texts, margin=margin)
 
@@ -408,12 +505,20 @@ def test_groups_independent_of_workers_and_block_size(cosine_run, tmp_path) -> N
     """3 workers and 7-row tiles give what 1 worker and 4096-row tiles gave (the other similarity tests
     cover 2 workers and 64-row tiles against the oracle)."""
     c, workers, block_size = cosine_run, 3, 7
-    report = run_dedup(spec(input=c["input"], output=str(tmp_path / "out"), threshold=c["threshold"],
-                            workers=workers, block_size=block_size))
+    report = run_dedup(
+        spec(
+            input=c["input"],
+            output=str(tmp_path / "out"),
+            threshold=c["threshold"],
+            workers=workers,
+            block_size=block_size,
+        )
+    )
     assert report["workers"] == workers
     check_output(str(tmp_path / "out"), c["vectors"], c["ids"], "cosine", c["threshold"], texts=c["texts"])
     assert read_file(str(tmp_path / "out" / "duplicates.parquet")).equals(
-        read_file(f"{c['out']}/duplicates.parquet"))
+        read_file(f"{c['out']}/duplicates.parquet")
+    )
     assert read_folder(str(tmp_path / "out" / "kept")).equals(read_folder(f"{c['out']}/kept"))
     same_pairs(read_folder(str(tmp_path / "out" / "pairs")), read_folder(f"{c['out']}/pairs"))
 
@@ -424,13 +529,17 @@ def test_groups_independent_of_workers_and_block_size(cosine_run, tmp_path) -> N
 @pytest.mark.parametrize("keep", ["longest", "centroid"])
 def test_keep_policies_from_stored_pairs(cosine_run, tmp_path, keep) -> None:
     c = cosine_run
-    report = run_dedup(spec(from_pairs=c["out"], output=str(tmp_path / "out"), threshold=c["threshold"],
-                            keep=keep))
+    report = run_dedup(
+        spec(from_pairs=c["out"], output=str(tmp_path / "out"), threshold=c["threshold"], keep=keep)
+    )
     assert report["from_pairs"] == c["out"]
-    check_output(str(tmp_path / "out"), c["vectors"], c["ids"], "cosine", c["threshold"], keep=keep,
-                 texts=c["texts"])
+    check_output(
+        str(tmp_path / "out"), c["vectors"], c["ids"], "cosine", c["threshold"], keep=keep, texts=c["texts"]
+    )
     first = oracle(c["vectors"], "cosine", c["threshold"])["kept"]
-    assert oracle(c["vectors"], "cosine", c["threshold"], keep, c["texts"])["kept"] != first  # policies differ
+    assert (
+        oracle(c["vectors"], "cosine", c["threshold"], keep, c["texts"])["kept"] != first
+    )  # policies differ
 
 
 def test_from_pairs_at_stricter_threshold_equals_fresh_run(cosine_run, tmp_path) -> None:
@@ -438,9 +547,12 @@ def test_from_pairs_at_stricter_threshold_equals_fresh_run(cosine_run, tmp_path)
     regrouped, fresh = tmp_path / "regrouped", tmp_path / "fresh"
     run_dedup(spec(from_pairs=c["out"], output=str(regrouped), threshold=c["stricter"]))
     run_dedup(spec(input=c["input"], output=str(fresh), threshold=c["stricter"], workers=1))
-    check_output(str(fresh), c["vectors"], c["ids"], "cosine", c["stricter"], texts=c["texts"],
-                 margin=c["margin"])
-    assert read_file(str(regrouped / "duplicates.parquet")).equals(read_file(str(fresh / "duplicates.parquet")))
+    check_output(
+        str(fresh), c["vectors"], c["ids"], "cosine", c["stricter"], texts=c["texts"], margin=c["margin"]
+    )
+    assert read_file(str(regrouped / "duplicates.parquet")).equals(
+        read_file(str(fresh / "duplicates.parquet"))
+    )
     assert read_folder(str(regrouped / "kept")).equals(read_folder(str(fresh / "kept")))
     assert (regrouped / "_SUCCESS").exists()
     # the chains fall apart at the stricter threshold, the copies stay together
@@ -485,7 +597,10 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     monkeypatch.setattr(OutputFolder, "commit_part", dying)
     with pytest.raises(RuntimeError, match="the driver died"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
-    assert sorted(p.name for p in (out / "_search").glob("*.parquet")) == ["pairs-00000.parquet", "pairs-00001.parquet"]
+    assert sorted(p.name for p in (out / "_search").glob("*.parquet")) == [
+        "pairs-00000.parquet",
+        "pairs-00001.parquet",
+    ]
     assert not (out / "_SUCCESS").exists() and not (out / "pairs").exists()
     dying.armed = False
     committed.clear()
@@ -498,7 +613,8 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     same_pairs(read_folder(str(out / "pairs")), read_folder(f"{c['out']}/pairs"))
     drop = ("timings", "workers", "actors_replaced")
     assert {k: v for k, v in report.items() if k not in drop} == {
-        k: v for k, v in c["report"].items() if k not in drop}
+        k: v for k, v in c["report"].items() if k not in drop
+    }
 
     # died after the search: the forest is kept, only the grouping and outputs are redone
     for name in ("_SUCCESS", "report.json", "duplicates.parquet"):
@@ -509,7 +625,9 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     again = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
     assert not any(p.startswith(("_search/", "pairs/")) for p in committed)
     assert (out / "pairs" / "pairs.parquet").stat().st_mtime_ns == before
-    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in report.items() if k not in drop}
+    assert {k: v for k, v in again.items() if k not in drop} == {
+        k: v for k, v in report.items() if k not in drop
+    }
     # other options against the same output: refused, the output left alone
     with pytest.raises(ValueError, match="other input or options"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1))
@@ -530,7 +648,9 @@ def clustered_vectors(seed: int = 5, clusters: int = 6, per_cluster: int = 50) -
     """Tight, well-separated clusters (within: cosine about 0.9, across: about 0) with planted copies."""
     rng = np.random.default_rng(seed)
     centers = unit(rng.standard_normal((clusters, DIM)))
-    v = unit(np.repeat(centers, per_cluster, axis=0) + 0.04 * rng.standard_normal((clusters * per_cluster, DIM)))
+    v = unit(
+        np.repeat(centers, per_cluster, axis=0) + 0.04 * rng.standard_normal((clusters * per_cluster, DIM))
+    )
     v = v[rng.permutation(len(v))]  # clusters interleaved over the parts and workers
     for a, b in [(3, 290), (17, 18), (100, 101), (100, 250)]:
         v[b] = v[a]
@@ -544,8 +664,17 @@ def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
     ids = [f"c{r:03d}" for r in range(len(v))]
     threshold = 0.97
     write_dataset(str(tmp_path / "in"), v, ids, parts=(60, 60, 60, 60, 60))
-    report = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), threshold=threshold,
-                            mode="partitioned", clusters=6, workers=2, seed=1))
+    report = run_dedup(
+        spec(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            threshold=threshold,
+            mode="partitioned",
+            clusters=6,
+            workers=2,
+            seed=1,
+        )
+    )
     check_output(str(tmp_path / "out"), v, ids, "cosine", threshold, margin=5e-3)
     part = report["partitioned"]
     assert report["mode"] == "partitioned"
@@ -553,7 +682,11 @@ def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
     recall = part["recall_vs_exact"]
     searched = report["collapsed"]["rows_searched"]
     assert searched == len(v) - 4 == recall["sample_rows"]  # 4 planted exact copies set aside
-    assert recall["exact_pairs"] > 0 and recall["found_pairs"] == recall["exact_pairs"] and recall["recall"] == 1.0
+    assert (
+        recall["exact_pairs"] > 0
+        and recall["found_pairs"] == recall["exact_pairs"]
+        and recall["recall"] == 1.0
+    )
     assert sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet")) == ["pairs.parquet"]
     assert not (tmp_path / "out" / "_search").exists()
 
@@ -561,11 +694,14 @@ def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    ("nan", r"part-00003.parquet: row 5: embedding has NaN or infinite values"),
-    ("inf", r"part-00001.parquet: row 0: embedding has NaN or infinite values"),
-    ("dims", r"part-00002.parquet: embeddings have 8 dimensions, the dataset says 64"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("nan", r"part-00003.parquet: row 5: embedding has NaN or infinite values"),
+        ("inf", r"part-00001.parquet: row 0: embedding has NaN or infinite values"),
+        ("dims", r"part-00002.parquet: embeddings have 8 dimensions, the dataset says 64"),
+    ],
+)
 def test_bad_vectors_fail_clearly_and_commit_nothing(tmp_path, bad, message) -> None:
     v, ids = case_vectors("cosine"), case_ids("cosine")
     if bad == "nan":
@@ -574,13 +710,23 @@ def test_bad_vectors_fail_clearly_and_commit_nothing(tmp_path, bad, message) -> 
         v[PART_ROWS[0], 0] = np.inf
     if bad == "dims":  # part 2 written with 8-dimensional vectors under the same metadata
         root = str(tmp_path / "in")
-        meta = {"model": "synthetic", "fingerprint": "synthetic-0", "normalized": True, "dim": DIM,
-                "similarity_fn_name": "cosine", "precision": "float32"}
+        meta = {
+            "model": "synthetic",
+            "fingerprint": "synthetic-0",
+            "normalized": True,
+            "dim": DIM,
+            "similarity_fn_name": "cosine",
+            "precision": "float32",
+        }
         start = 0
         for shard, rows in enumerate(PART_ROWS):
             block = v[start : start + rows] if shard != 2 else v[start : start + rows, :8]
-            write_embedding_part(OutputFolder(root), shard, pa.table({"id": ids[start : start + rows],
-                                                                      "embedding": quantize(block, "float32")}), meta)
+            write_embedding_part(
+                OutputFolder(root),
+                shard,
+                pa.table({"id": ids[start : start + rows], "embedding": quantize(block, "float32")}),
+                meta,
+            )
             start += rows
         OutputFolder(root).finish({"metadata": meta}, expected={"": list(range(len(PART_ROWS)))})
     else:
@@ -613,8 +759,12 @@ def test_bad_datasets_and_thresholds_fail_before_any_work(tmp_path, capsys) -> N
     # --model contradicts the metadata (a different fingerprint)
     good = tmp_path / "good"
     write_dataset(str(good), v, ids, parts=(30, 30))
-    fails("was embedded with model fingerprint synthetic-0", input=str(good), threshold=0.9,
-          model=str(get_model_path()))
+    fails(
+        "was embedded with model fingerprint synthetic-0",
+        input=str(good),
+        threshold=0.9,
+        model=str(get_model_path()),
+    )
 
     # an embed output that is not finished, and a folder that is no embed output at all (without --model)
     unfinished = tmp_path / "unfinished"
@@ -667,8 +817,16 @@ def test_fortunes_raw_corpus_with_real_model(tmp_path) -> None:
     assert len(dup_texts) >= 20
 
     out = tmp_path / "out"
-    report = run_dedup(spec(input=str(corpus), output=str(out), model=str(get_model_path()), threshold=0.99,
-                            workers=1, rows_per_shard=200))
+    report = run_dedup(
+        spec(
+            input=str(corpus),
+            output=str(out),
+            model=str(get_model_path()),
+            threshold=0.99,
+            workers=1,
+            rows_per_shard=200,
+        )
+    )
     embedded = read_folder(str(out / "embeddings"))
     assert embedded.column("text").to_pylist() == picked
     vectors = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False))
@@ -716,7 +874,9 @@ def test_identical_clusters_collapse_and_groups_equal_brute_force(tmp_path) -> N
     parts = (700, 800, 600, 900)
     write_dataset(str(tmp_path / "in"), v, ids, parts=parts)
     out = str(tmp_path / "out")
-    report = run_dedup(spec(input=str(tmp_path / "in"), output=out, threshold=0.9, pairs_floor=0.8, workers=2))
+    report = run_dedup(
+        spec(input=str(tmp_path / "in"), output=out, threshold=0.9, pairs_floor=0.8, workers=2)
+    )
     check_output(out, v, ids, "cosine", 0.9, floor=0.8)
     collapsed = report["collapsed"]
     assert collapsed["rows_collapsed"] == 1999 + 299 and collapsed["identical_sets"] == 2
@@ -731,7 +891,9 @@ def test_threshold_curve_and_targets(tmp_path) -> None:
     v, ids = case_vectors("cosine"), case_ids("cosine")
     write_dataset(str(tmp_path / "in"), v, ids)
     floor = 0.7
-    base = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "a"), threshold=0.9, pairs_floor=floor))
+    base = run_dedup(
+        spec(input=str(tmp_path / "in"), output=str(tmp_path / "a"), threshold=0.9, pairs_floor=floor)
+    )
     curve = base["threshold_curve"]
     assert curve[0]["threshold"] == floor and len(curve) > 10
     scores = brute_scores(v, v, "cosine")[np.triu_indices(len(v), 1)]
@@ -746,22 +908,30 @@ def test_threshold_curve_and_targets(tmp_path) -> None:
     assert checked > 10
     # a target between two curve points: the highest threshold with at most that many rows left
     target = len(v) - (curve[0]["rows_removed"] + curve[-1]["rows_removed"]) // 2
-    picked = run_dedup(spec(input=str(tmp_path / "in"), output=str(tmp_path / "b"), target_rows=target,
-                            pairs_floor=floor))
+    picked = run_dedup(
+        spec(input=str(tmp_path / "in"), output=str(tmp_path / "b"), target_rows=target, pairs_floor=floor)
+    )
     t = picked["threshold"]
     assert picked["rows_out"] <= target and picked["target"]["threshold"] == t
-    assert len(v) - len(oracle(v, "cosine", float(np.nextafter(np.float32(t), np.float32(2))))["removed"]) > target
-    again = run_dedup(spec(from_pairs=str(tmp_path / "a"), output=str(tmp_path / "c"), target_fraction=target / len(v)))
+    assert (
+        len(v) - len(oracle(v, "cosine", float(np.nextafter(np.float32(t), np.float32(2))))["removed"])
+        > target
+    )
+    again = run_dedup(
+        spec(from_pairs=str(tmp_path / "a"), output=str(tmp_path / "c"), target_fraction=target / len(v))
+    )
     assert again["threshold"] == t and again["rows_out"] == picked["rows_out"]
     # out of reach above the floor, and bad values: clear errors, nothing written
     with pytest.raises(RuntimeError, match="cannot be reached at or above the pairs floor 0.7"):
         run_dedup(spec(from_pairs=str(tmp_path / "a"), output=str(tmp_path / "d"), target_rows=1))
     assert_nothing_committed(tmp_path / "d")
-    for values, message in (({"target_rows": -1, "pairs_floor": 0.7}, "target_rows: must be 0 or more"),
-                            ({"target_fraction": 1.5, "pairs_floor": 0.7}, "target_fraction: must be between 0 and 1"),
-                            ({"target_rows": 5, "threshold": 0.9}, "drop threshold"),
-                            ({"target_rows": 5}, "pairs_floor: required with target_rows"),
-                            ({}, "threshold: required")):
+    for values, message in (
+        ({"target_rows": -1, "pairs_floor": 0.7}, "target_rows: must be 0 or more"),
+        ({"target_fraction": 1.5, "pairs_floor": 0.7}, "target_fraction: must be between 0 and 1"),
+        ({"target_rows": 5, "threshold": 0.9}, "drop threshold"),
+        ({"target_rows": 5}, "pairs_floor: required with target_rows"),
+        ({}, "threshold: required"),
+    ):
         with pytest.raises(ValueError, match=message):
             spec(input=str(tmp_path / "in"), output=str(tmp_path / "e"), **values)
 
@@ -785,8 +955,9 @@ def test_against_removes_exactly_the_rows_matching_a_reference(tmp_path, mode) -
     ids = [f"in{r:03d}" for r in range(len(v))]
     rng = np.random.default_rng(3)
     leaked = np.sort(rng.choice(len(v), size=25, replace=False))
-    reference = np.concatenate([unit(v[leaked] + 0.01 * rng.standard_normal((25, DIM))),
-                                unit(rng.standard_normal((40, DIM)))]).astype(np.float32)
+    reference = np.concatenate(
+        [unit(v[leaked] + 0.01 * rng.standard_normal((25, DIM))), unit(rng.standard_normal((40, DIM)))]
+    ).astype(np.float32)
     ref_ids = [f"eval{r:02d}" for r in range(len(reference))]
     write_dataset(str(tmp_path / "in"), v, ids, parts=(60, 60, 60, 60, 60))
     write_dataset(str(tmp_path / "eval"), reference, ref_ids, parts=(30, 35))
@@ -795,8 +966,18 @@ def test_against_removes_exactly_the_rows_matching_a_reference(tmp_path, mode) -
     best, closest, want = contamination_oracle(v, reference, "cosine", threshold)
     assert np.abs(best - threshold).min() > 4 * sum_error(DIM) and len(want) >= 25  # leaked rows and more
     out = tmp_path / "out"
-    report = run_dedup(spec(input=str(tmp_path / "in"), against=[str(tmp_path / "eval")], output=str(out),
-                            threshold=threshold, mode=mode, clusters=6, workers=2, pairs_floor=0.9))
+    report = run_dedup(
+        spec(
+            input=str(tmp_path / "in"),
+            against=[str(tmp_path / "eval")],
+            output=str(out),
+            threshold=threshold,
+            mode=mode,
+            clusters=6,
+            workers=2,
+            pairs_floor=0.9,
+        )
+    )
     found = read_file(str(out / "contaminated.parquet"))
     assert found.column("id").to_pylist() == [ids[r] for r in want]
     assert found.column("reference_id").to_pylist() == [ref_ids[c] for c in closest[want]]
@@ -818,19 +999,31 @@ def test_against_raw_corpora_with_a_model(tmp_path, tiny_model_dir) -> None:
     train = [f"training sentence number {i} about topic {i % 7}" for i in range(60)]
     evaluation = [train[i] for i in (3, 17, 40)] + [f"held out question {i}" for i in range(10)]
     pq.write_table(pa.table({"id": [f"t{i}" for i in range(60)], "text": train}), tmp_path / "train.parquet")
-    pq.write_table(pa.table({"id": [f"e{i}" for i in range(13)], "text": evaluation}), tmp_path / "eval.parquet")
+    pq.write_table(
+        pa.table({"id": [f"e{i}" for i in range(13)], "text": evaluation}), tmp_path / "eval.parquet"
+    )
     encoder = load_encoder(str(tiny_model_dir))
-    best, closest, want = contamination_oracle(encoder.encode(train), encoder.encode(evaluation), "cosine", 0.999)
+    best, closest, want = contamination_oracle(
+        encoder.encode(train), encoder.encode(evaluation), "cosine", 0.999
+    )
     assert set(want.tolist()) >= {3, 17, 40}
-    report = run_dedup(spec(input=str(tmp_path / "train.parquet"), against=[str(tmp_path / "eval.parquet")],
-                            model=str(tiny_model_dir), output=str(tmp_path / "out"), threshold=0.999))
+    report = run_dedup(
+        spec(
+            input=str(tmp_path / "train.parquet"),
+            against=[str(tmp_path / "eval.parquet")],
+            model=str(tiny_model_dir),
+            output=str(tmp_path / "out"),
+            threshold=0.999,
+        )
+    )
     found = read_file(str(tmp_path / "out" / "contaminated.parquet"))
     assert found.column("id").to_pylist() == [f"t{r}" for r in want]
     assert report["removed"] == len(want)
 
 
 def test_another_job_into_a_dedup_output_is_refused_by_kind_and_overwrite_clears_its_files(
-        cosine_run, tmp_path, tiny_model_dir) -> None:
+    cosine_run, tmp_path, tiny_model_dir
+) -> None:
     """The refusal names the kind of job that made the output; embed --overwrite removes dedup's files
     (the kinds' owned names are recorded in the plan), and leaves files no job wrote."""
     from pipeline.spec import EmbedSpec
@@ -840,8 +1033,12 @@ def test_another_job_into_a_dedup_output_is_refused_by_kind_and_overwrite_clears
     shutil.copytree(cosine_run["out"], out)
     (out / "notes.txt").write_text("mine")
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"]}), tmp_path / "c.parquet")
-    embed = {"model": str(tiny_model_dir), "input": [str(tmp_path / "c.parquet")], "output": str(out),
-             "progress": False}
+    embed = {
+        "model": str(tiny_model_dir),
+        "input": [str(tmp_path / "c.parquet")],
+        "output": str(out),
+        "progress": False,
+    }
     with pytest.raises(ValueError, match="holds a dedup output made by another job"):
         run_embed(build_spec(EmbedSpec, embed), log=lambda _m: None)
     assert (out / "_SUCCESS").exists() and (out / "kept").exists()
@@ -868,4 +1065,6 @@ def test_read_helpers_open_embed_and_dedup_outputs(cosine_run) -> None:
         assert row["text"] == text_of[row["id"]]
     first = groups.to_pylist()[0]
     assert first["kept"] and first["score"] is None
-    assert sorted(r["id"] for r in groups.to_pylist() if not r["kept"]) == sorted(dup.column("id").to_pylist())
+    assert sorted(r["id"] for r in groups.to_pylist() if not r["kept"]) == sorted(
+        dup.column("id").to_pylist()
+    )

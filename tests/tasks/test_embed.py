@@ -161,18 +161,22 @@ def encoder(tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def corpus_table() -> pa.Table:
     texts = make_texts(N_ROWS, seed=1)
-    return pa.table({
-        "id": pa.array([1000 + 7 * i for i in range(N_ROWS)], pa.int64()),
-        "text": texts,
-        "source": [f"doc-{i % 5}" for i in range(N_ROWS)],
-        "score": [i / 10 for i in range(N_ROWS)],
-        "unused": ["x"] * N_ROWS,
-    })
+    return pa.table(
+        {
+            "id": pa.array([1000 + 7 * i for i in range(N_ROWS)], pa.int64()),
+            "text": texts,
+            "source": [f"doc-{i % 5}" for i in range(N_ROWS)],
+            "score": [i / 10 for i in range(N_ROWS)],
+            "unused": ["x"] * N_ROWS,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory, corpus_table: pa.Table) -> Path:
-    return write_parquet(tmp_path_factory.mktemp("corpus") / "corpus.parquet", corpus_table, row_group_size=10)
+    return write_parquet(
+        tmp_path_factory.mktemp("corpus") / "corpus.parquet", corpus_table, row_group_size=10
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +255,9 @@ def test_rerun_skips_every_shard_and_changes_nothing(float32_run, tiny_model_dir
     assert (output / SUCCESS_FILE).exists()
 
 
-def test_other_options_are_refused_unless_overwrite(float32_run, tiny_model_dir, corpus_file, encoder, tmp_path) -> None:
+def test_other_options_are_refused_unless_overwrite(
+    float32_run, tiny_model_dir, corpus_file, encoder, tmp_path
+) -> None:
     source, _ = float32_run
     output = tmp_path / "out"
     shutil.copytree(source, output)
@@ -270,8 +276,9 @@ def test_other_options_are_refused_unless_overwrite(float32_run, tiny_model_dir,
         assert {p.name: digest(p) for p in output.iterdir() if p.is_file()} == before, change
 
     # With --overwrite the old output is replaced; float16 is the float32 result cast to float16.
-    summary = embed(tiny_model_dir, corpus_file, output, keep_columns=["source"], precision="float16",
-                    overwrite=True)
+    summary = embed(
+        tiny_model_dir, corpus_file, output, keep_columns=["source"], precision="float16", overwrite=True
+    )
     assert summary["shards"]["skipped"] == 0 and summary["shards"]["done"] == 4
     table = read_dataset(str(output))
     assert table.column_names == ["id", "embedding", "source"]
@@ -281,8 +288,9 @@ def test_other_options_are_refused_unless_overwrite(float32_run, tiny_model_dir,
     np.testing.assert_array_equal(embeddings_of(table), reference.astype(np.float16))
 
 
-def test_int8_uses_one_calibration_for_every_part(ray_local, tiny_model_dir, corpus_file, corpus_table, encoder,
-                                                  tmp_path) -> None:
+def test_int8_uses_one_calibration_for_every_part(
+    ray_local, tiny_model_dir, corpus_file, corpus_table, encoder, tmp_path
+) -> None:
     output = tmp_path / "int8"
     embed(tiny_model_dir, corpus_file, output, precision="int8")
     metas = [part_metadata(p) for p in parts_of(output)]
@@ -305,7 +313,9 @@ def test_int8_uses_one_calibration_for_every_part(ray_local, tiny_model_dir, cor
     assert (got == expected).mean() > 0.99
 
 
-def test_ubinary_is_packed_sign_bits(ray_local, tiny_model_dir, corpus_file, corpus_table, encoder, tmp_path) -> None:
+def test_ubinary_is_packed_sign_bits(
+    ray_local, tiny_model_dir, corpus_file, corpus_table, encoder, tmp_path
+) -> None:
     output = tmp_path / "ubinary"
     embed(tiny_model_dir, corpus_file, output, precision="ubinary")
     table = read_dataset(str(output))
@@ -332,7 +342,9 @@ def test_jsonl_arrow_globs_and_generated_ids(ray_local, tiny_model_dir, encoder,
     write_jsonl(root / "jsonl" / "b.jsonl", [{"text": t, "lang": "de"} for t in texts[23:35]])
     (root / "jsonl" / "notes.txt").write_text("not matched by the glob")
     write_arrow(root / "c.arrow", pa.table({"text": texts[35:60], "lang": ["fr"] * 25}), batch_rows=5)
-    write_arrow(root / "d.arrows", pa.table({"text": texts[60:], "lang": ["xx"] * 10}), batch_rows=4, stream=True)
+    write_arrow(
+        root / "d.arrows", pa.table({"text": texts[60:], "lang": ["xx"] * 10}), batch_rows=4, stream=True
+    )
     inputs = [str(root / "jsonl" / "*.jsonl"), (root / "c.arrow").as_uri(), str(root / "d.arrows")]
 
     first = embed(tiny_model_dir, inputs, tmp_path / "first", keep_columns="text,lang", rows_per_shard=10)
@@ -345,16 +357,32 @@ def test_jsonl_arrow_globs_and_generated_ids(ray_local, tiny_model_dir, encoder,
     plans = [json.loads((tmp_path / name / PLAN_FILE).read_text()) for name in ("first", "second")]
     assert plans[0]["shards"] == plans[1]["shards"] and plans[0]["key"] == plans[1]["key"]
     assert [(Path(s["url"]).name, s["row_start"], s["row_end"]) for s in plans[0]["shards"]] == [
-        ("c.arrow", 0, 10), ("c.arrow", 10, 20), ("c.arrow", 20, 25), ("d.arrows", 0, 10),
-        ("a.jsonl", 0, 7), ("a.jsonl", 7, 15), ("a.jsonl", 15, 23), ("b.jsonl", 0, 6), ("b.jsonl", 6, 12)]
+        ("c.arrow", 0, 10),
+        ("c.arrow", 10, 20),
+        ("c.arrow", 20, 25),
+        ("d.arrows", 0, 10),
+        ("a.jsonl", 0, 7),
+        ("a.jsonl", 7, 15),
+        ("a.jsonl", 15, 23),
+        ("b.jsonl", 0, 6),
+        ("b.jsonl", 6, 12),
+    ]
     tables = [read_dataset(str(tmp_path / name)) for name in ("first", "second")]
     assert tables[0].equals(tables[1])
     table = tables[0]
     ids = table.column("id").to_pylist()
     assert all(isinstance(i, str) for i in ids)
-    names = [("a.jsonl", 0, 23, "en"), ("b.jsonl", 23, 35, "de"), ("c.arrow", 35, 60, "fr"), ("d.arrows", 60, 70, "xx")]
-    expected = {f"{name}:{row}": (texts[start + row], lang)
-                for name, start, end, lang in names for row in range(end - start)}
+    names = [
+        ("a.jsonl", 0, 23, "en"),
+        ("b.jsonl", 23, 35, "de"),
+        ("c.arrow", 35, 60, "fr"),
+        ("d.arrows", 60, 70, "xx"),
+    ]
+    expected = {
+        f"{name}:{row}": (texts[start + row], lang)
+        for name, start, end, lang in names
+        for row in range(end - start)
+    }
     rows = by_id(table)
     assert sorted(rows) == sorted(expected)
     assert {i: (table["text"][rows[i]].as_py(), table["lang"][rows[i]].as_py()) for i in rows} == expected
@@ -366,8 +394,15 @@ def test_on_null_skip(ray_local, tiny_model_dir, encoder, tmp_path) -> None:
     texts[4], texts[17] = None, ""
     keys = [f"doc-{i:03d}" for i in range(30)]
     corpus = write_parquet(tmp_path / "c.parquet", pa.table({"key": keys, "body": texts}), row_group_size=10)
-    summary = embed(tiny_model_dir, corpus, tmp_path / "skip", text_column="body", id_column="key",
-                    on_null="skip", rows_per_shard=10)
+    summary = embed(
+        tiny_model_dir,
+        corpus,
+        tmp_path / "skip",
+        text_column="body",
+        id_column="key",
+        on_null="skip",
+        rows_per_shard=10,
+    )
     assert summary["rows"] == 28 and summary["skipped_rows"] == 2
     table = read_dataset(str(tmp_path / "skip"))
     assert table.schema.field("id").type == pa.string()
@@ -382,8 +417,9 @@ def test_on_null_empty_and_duplicate_ids_kept(ray_local, tiny_model_dir, encoder
     corpus = write_parquet(tmp_path / "c.parquet", pa.table({"id": ids, "text": texts}), row_group_size=10)
     with pytest.raises(CorpusError, match="row 25: duplicate id 3"):
         embed(tiny_model_dir, corpus, tmp_path / "out", on_null="empty", rows_per_shard=10)
-    summary = embed(tiny_model_dir, corpus, tmp_path / "out", on_null="empty", on_duplicate_id="keep",
-                    rows_per_shard=10)
+    summary = embed(
+        tiny_model_dir, corpus, tmp_path / "out", on_null="empty", on_duplicate_id="keep", rows_per_shard=10
+    )
     assert summary["rows"] == 30 and summary["skipped_rows"] == 0
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("id").to_pylist() == ids  # both rows with id 3, in corpus order
@@ -446,7 +482,7 @@ def test_corrupt_parquet_page(tiny_model_dir, tmp_path) -> None:
     bad = write_parquet(tmp_path / "in" / "b.parquet", pa.table(good_rows(50, start=20)), row_group_size=10)
     data = bytearray(bad.read_bytes())
     middle = len(data) // 3
-    data[middle:middle + 40] = bytes(b ^ 0xFF for b in data[middle:middle + 40])
+    data[middle : middle + 40] = bytes(b ^ 0xFF for b in data[middle : middle + 40])
     bad.write_bytes(bytes(data))
     with pytest.raises(CorpusError, match=r"b.parquet: rows \d+-\d+: unreadable or corrupt"):
         embed(tiny_model_dir, tmp_path / "in", tmp_path / "out", rows_per_shard=10)
@@ -455,8 +491,9 @@ def test_corrupt_parquet_page(tiny_model_dir, tmp_path) -> None:
 
 def test_schemas_disagree(tiny_model_dir, tmp_path) -> None:
     write_parquet(tmp_path / "in" / "a.parquet", pa.table(good_rows(10)))
-    write_parquet(tmp_path / "in" / "b.parquet", pa.table({"id": [f"s{i}" for i in range(10)],
-                                                           "text": make_texts(10)}))
+    write_parquet(
+        tmp_path / "in" / "b.parquet", pa.table({"id": [f"s{i}" for i in range(10)], "text": make_texts(10)})
+    )
     with pytest.raises(CorpusError) as info:
         embed(tiny_model_dir, tmp_path / "in", tmp_path / "out")
     message = str(info.value)
@@ -500,8 +537,9 @@ def test_output_in_a_missing_bucket_cannot_be_written(tiny_model_dir, s3_server,
 # --------------------------------------------------------------------------- retries and resume
 
 
-def test_failing_shard_ends_the_job_naming_it_and_keeps_committed_shards(ray_local, tiny_model_dir, encoder,
-                                                                        tmp_path) -> None:
+def test_failing_shard_ends_the_job_naming_it_and_keeps_committed_shards(
+    ray_local, tiny_model_dir, encoder, tmp_path
+) -> None:
     """b.parquet disappears after planning: its shard fails on every attempt; a.parquet's shards stay
     committed, and once the file is back a re-run does only the missing shard."""
     a = write_parquet(tmp_path / "in" / "a.parquet", pa.table(good_rows(40)))
@@ -537,8 +575,11 @@ def test_failing_shard_ends_the_job_naming_it_and_keeps_committed_shards(ray_loc
 def encoder_actor_ids() -> set[str]:
     import ray
 
-    return {actor_id for actor_id, info in ray._private.state.actors().items()
-            if info["ActorClassName"] == "EncoderActor"}
+    return {
+        actor_id
+        for actor_id, info in ray._private.state.actors().items()
+        if info["ActorClassName"] == "EncoderActor"
+    }
 
 
 def test_an_unknown_prompt_name_fails_before_any_actor_starts(ray_local, tiny_model_dir, tmp_path) -> None:
@@ -572,8 +613,10 @@ def test_a_model_the_actors_cannot_load_stops_them(ray_local, tiny_model_dir, tm
     assert_nothing_committed(tmp_path / "out")
     assert not (tmp_path / "out" / PLAN_FILE).exists()
     deadline = time.monotonic() + 30
-    while any(info["ActorClassName"] == "EncoderActor" and info["State"] != "DEAD"
-              for info in ray._private.state.actors().values()):
+    while any(
+        info["ActorClassName"] == "EncoderActor" and info["State"] != "DEAD"
+        for info in ray._private.state.actors().values()
+    ):
         assert time.monotonic() < deadline, "an encoder actor outlived its job"
         time.sleep(0.1)
     assert info.value.__traceback__ is not None  # the error, and the handles in its frames, are still alive
@@ -611,8 +654,14 @@ def test_s3_to_s3_with_storage_options(ray_local, tiny_model_dir, encoder, s3_bu
     endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
     options = option_flags(endpoint)
     output = s3_bucket.path("embeddings")
-    summary = embed(tiny_model_dir, s3_bucket.path("corpus", "part-*"), output, storage_option=options,
-                    rows_per_shard=10, progress=True)
+    summary = embed(
+        tiny_model_dir,
+        s3_bucket.path("corpus", "part-*"),
+        output,
+        storage_option=options,
+        rows_per_shard=10,
+        progress=True,
+    )
     captured = capfd.readouterr()
     assert summary["rows"] == 45 and summary["shards"]["total"] == 5
     assert "45/45" in captured.err  # the progress bar
@@ -623,8 +672,9 @@ def test_s3_to_s3_with_storage_options(ray_local, tiny_model_dir, encoder, s3_bu
     assert_no_secret_anywhere(s3_bucket, summary, captured)
 
 
-def test_s3_to_s3_with_environment_only(ray_local, tiny_model_dir, encoder, s3_bucket, s3_server, capfd,
-                                        monkeypatch) -> None:
+def test_s3_to_s3_with_environment_only(
+    ray_local, tiny_model_dir, encoder, s3_bucket, s3_server, capfd, monkeypatch
+) -> None:
     """Credentials, region and endpoint from AWS_* variables alone (the Ray workers got them at start)."""
     from s3fs import S3FileSystem
 
@@ -656,7 +706,11 @@ def test_real_model_matches_sentence_transformers(ray_local, tmp_path) -> None:
     table = read_dataset(str(tmp_path / "out"))
     meta = part_metadata(parts_of(tmp_path / "out")[0])
     assert (meta["pooling"], meta["normalized"], meta["dim"], meta["similarity_fn_name"]) == (
-        ["mean"], True, 384, "cosine")
+        ["mean"],
+        True,
+        384,
+        "cosine",
+    )
     expected = SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
     ids = table.column("id").to_pylist()
     assert ids == [f"faq.parquet:{i}" for i in range(100)]
@@ -673,8 +727,23 @@ def summary_from(stdout: str) -> dict:
 
 
 def embed_command(model: Path, corpus: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "embed", "--model", str(model), "--input", str(corpus),
-            "--output", str(output), "--rows-per-shard", "2", "--workers", "1", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "embed",
+        "--model",
+        str(model),
+        "--input",
+        str(corpus),
+        "--output",
+        str(output),
+        "--rows-per-shard",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
 
 
 def cli_env() -> dict[str, str]:
@@ -697,15 +766,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_killed_driver_leaves_whole_parts_and_a_rerun_resumes(ray_local, tiny_model_dir, tmp_path, capsys) -> None:
+def test_killed_driver_leaves_whole_parts_and_a_rerun_resumes(
+    ray_local, tiny_model_dir, tmp_path, capsys
+) -> None:
     rows = 160  # many small shards: the kill lands long before the last one
-    corpus = write_parquet(tmp_path / "c.parquet", pa.table({"id": list(range(rows)), "text": make_texts(rows, 8)}),
-                           row_group_size=2)
+    corpus = write_parquet(
+        tmp_path / "c.parquet",
+        pa.table({"id": list(range(rows)), "text": make_texts(rows, 8)}),
+        row_group_size=2,
+    )
     output = tmp_path / "out"
     command = embed_command(tiny_model_dir, corpus, output)
     with open(tmp_path / "first.log", "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 180
             while len(list(output.glob(f"{RECEIPTS_DIR}/part-*.json"))) < 3:

@@ -44,18 +44,31 @@ def s3fs_of(options: dict):
 
 
 def spec_of(model: Path, corpus: Path, output: str, address: str, **extra) -> EmbedSpec:
-    return build_spec(EmbedSpec, {
-        "model": str(model), "input": [str(corpus)], "output": output, "rows_per_shard": ROWS_PER_SHARD,
-        "workers": 2, "ray_address": address, "progress": False, "max_attempts": 2, **extra,
-    })
+    return build_spec(
+        EmbedSpec,
+        {
+            "model": str(model),
+            "input": [str(corpus)],
+            "output": output,
+            "rows_per_shard": ROWS_PER_SHARD,
+            "workers": 2,
+            "ray_address": address,
+            "progress": False,
+            "max_attempts": 2,
+            **extra,
+        },
+    )
 
 
 def live_actors() -> dict[str, str]:
     """Actor id -> node id of the live encoder actors (from the GCS actor table)."""
     import ray
 
-    return {actor_id: info["Address"]["NodeID"] for actor_id, info in ray._private.state.actors().items()
-            if info["ActorClassName"] == "EncoderActor" and info["State"] == "ALIVE"}
+    return {
+        actor_id: info["Address"]["NodeID"]
+        for actor_id, info in ray._private.state.actors().items()
+        if info["ActorClassName"] == "EncoderActor" and info["State"] == "ALIVE"
+    }
 
 
 def wait_until_no_actor_lives(seconds: float = 60) -> None:
@@ -90,12 +103,25 @@ def test_worker_node_dies_mid_job(multi_node, tiny_model_dir, s3_server, tmp_pat
         fs.invalidate_cache()
         return len(fs.glob(f"{bucket}/faulty/{RECEIPTS_DIR}/part-*.json"))
 
-    with FaultProxy(s3_server.endpoint, delay_rate=1.0, delay_s=RECEIPT_DELAY_S,
-                    fault_filter=lambda method, path, _h: method == "PUT" and f"/{RECEIPTS_DIR}/" in path) as proxy:
+    with FaultProxy(
+        s3_server.endpoint,
+        delay_rate=1.0,
+        delay_s=RECEIPT_DELAY_S,
+        fault_filter=lambda method, path, _h: method == "PUT" and f"/{RECEIPTS_DIR}/" in path,
+    ) as proxy:
+
         def job() -> None:
             try:
-                outcome["summary"] = run_embed(spec_of(tiny_model_dir, corpus, output, cluster.address,
-                                                       storage_option=option_flags(proxy.endpoint)), log=lambda _m: None)
+                outcome["summary"] = run_embed(
+                    spec_of(
+                        tiny_model_dir,
+                        corpus,
+                        output,
+                        cluster.address,
+                        storage_option=option_flags(proxy.endpoint),
+                    ),
+                    log=lambda _m: None,
+                )
             except BaseException as exc:  # reported by the main thread
                 outcome["error"] = exc
 

@@ -41,9 +41,36 @@ from tests.support.s3server import option_flags
 from tests.support.tiny_models import build_tiny_model
 
 N_ROWS = 200
-WORDS = ["alpha", "beta", "gamma", "delta", "kernel", "module", "python", "perl", "debian", "package", "manual",
-         "fortune", "cookie", "why", "how", "does", "the", "list", "array", "file", "directory", "grep", "pattern",
-         "line", "Fuchs", "renard", "東京", "Ünïcödé"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "kernel",
+    "module",
+    "python",
+    "perl",
+    "debian",
+    "package",
+    "manual",
+    "fortune",
+    "cookie",
+    "why",
+    "how",
+    "does",
+    "the",
+    "list",
+    "array",
+    "file",
+    "directory",
+    "grep",
+    "pattern",
+    "line",
+    "Fuchs",
+    "renard",
+    "東京",
+    "Ünïcödé",
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -51,13 +78,20 @@ WORDS = ["alpha", "beta", "gamma", "delta", "kernel", "module", "python", "perl"
 
 def make_rows(ids: range, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"doc-{i:04d}", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))),
-             "url": f"https://example.org/{i}"} for i in ids]
+    return [
+        {
+            "id": f"doc-{i:04d}",
+            "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))),
+            "url": f"https://example.org/{i}",
+        }
+        for i in ids
+    ]
 
 
 def corpus_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("text", pa.string()),
-                                                        ("url", pa.string())]))
+    return pa.Table.from_pylist(
+        rows, schema=pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string())])
+    )
 
 
 def write_corpus(folder: Path, rows: list[dict]) -> Path:
@@ -81,8 +115,15 @@ def edit(rows: list[dict], seed: int) -> tuple[list[dict], dict[str, set]]:
 
 
 def spec_of(model: Path, corpus, store, **options) -> ReembedSpec:
-    values = {"model": str(model), "input": [str(corpus)], "output": str(store), "keep_columns": ["url"],
-              "rows_per_shard": 64, "workers": 1, "progress": False}
+    values = {
+        "model": str(model),
+        "input": [str(corpus)],
+        "output": str(store),
+        "keep_columns": ["url"],
+        "rows_per_shard": 64,
+        "workers": 1,
+        "progress": False,
+    }
     values.update(options)
     return build_spec(ReembedSpec, values)
 
@@ -187,9 +228,19 @@ def test_second_run_embeds_only_new_and_changed_rows(store_copy, tiny_model_dir,
 
     summary = reembed(tiny_model_dir, corpus, store)
     assert (summary["version"], summary["previous"], summary["written"], summary["full"]) == (
-        "v00002", "v00001", True, False)
+        "v00002",
+        "v00001",
+        True,
+        False,
+    )
     assert {k: summary[k] for k in ("rows", "new", "changed", "unchanged", "deleted", "embedded")} == {
-        "rows": N_ROWS, "new": 2, "changed": 2, "unchanged": 196, "deleted": 2, "embedded": 4}
+        "rows": N_ROWS,
+        "new": 2,
+        "changed": 2,
+        "unchanged": 196,
+        "deleted": 2,
+        "embedded": 4,
+    }
     assert summary["embed"]["rows"] == 4, "the embed job saw exactly the new and changed rows"
     assert summary["kept_columns_changed"]
     assert latest(store) == "v00002" and versions(store) == ["v00001", "v00002"]
@@ -205,15 +256,23 @@ def test_second_run_embeds_only_new_and_changed_rows(store_copy, tiny_model_dir,
     # tests/test_embed.py holds the embed job to.
     ids = sorted(texts)
     want = encoder.encode([texts[i] for i in ids])
-    assert (np.abs(vectors(v2, ids) - want.astype(np.float64)) <= forward_error(want, encoder.config.root)).all()
+    assert (
+        np.abs(vectors(v2, ids) - want.astype(np.float64)) <= forward_error(want, encoder.config.root)
+    ).all()
     rows_of = by_id(v2)
     assert all(v2["content_hash"][rows_of[i]].as_py() == expected_hash(texts[i]) for i in texts)
-    assert v2["url"][rows_of[rows[40]["id"]]].as_py() == "https://example.org/moved", "kept columns are current"
+    assert v2["url"][rows_of[rows[40]["id"]]].as_py() == "https://example.org/moved", (
+        "kept columns are current"
+    )
 
     # Unchanged corpus: nothing embedded, no version written.
     again = reembed(tiny_model_dir, corpus, store)
     assert (again["written"], again["version"], again["embedded"], again["unchanged"]) == (
-        False, "v00002", 0, N_ROWS)
+        False,
+        "v00002",
+        0,
+        N_ROWS,
+    )
     assert versions(store) == ["v00001", "v00002"]
 
     assert_store_settled(store)
@@ -258,8 +317,12 @@ def test_kept_column_edit_alone_writes_a_version_without_embedding(store_copy, t
     (corpus / "b.parquet").unlink()
     write_corpus(corpus, edited)
     summary = reembed(tiny_model_dir, corpus, store)
-    assert (summary["written"], summary["kept_columns_changed"], summary["embedded"], summary["unchanged"]) == (
-        True, True, 0, N_ROWS)
+    assert (
+        summary["written"],
+        summary["kept_columns_changed"],
+        summary["embedded"],
+        summary["unchanged"],
+    ) == (True, True, 0, N_ROWS)
     v2 = read_dataset(str(store / "v00002"))
     assert v2["url"][by_id(v2)[rows[7]["id"]]].as_py() == "https://example.org/renamed"
     v1 = read_dataset(str(store / "v00001"))
@@ -269,10 +332,15 @@ def test_kept_column_edit_alone_writes_a_version_without_embedding(store_copy, t
 
 def test_stale_lock_is_reported_and_break_lock_clears_it(store_copy, tiny_model_dir) -> None:
     rows, corpus, store = store_copy
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
-    crashed = {"run": "deadbeef", "host": socket.gethostname(), "pid": int(finished.stdout),
-               "started": "2026-01-01T02:00:00+00:00"}
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    crashed = {
+        "run": "deadbeef",
+        "host": socket.gethostname(),
+        "pid": int(finished.stdout),
+        "started": "2026-01-01T02:00:00+00:00",
+    }
     (store / LOCK_FILE).write_text(json.dumps(crashed))
     with pytest.raises(LockHeld) as refused:
         reembed(tiny_model_dir, corpus, store)
@@ -331,7 +399,9 @@ def test_s3_store_concurrent_runs_new_model_and_int8_delta(first_run, second_mod
     with a full re-embed, the other names the lock), then a delta quantized with the int8 ranges of that
     full run."""
     fs = s3_bucket.fs
-    assert create_exclusive(fs, s3_bucket.path("probe"), b"1") and not create_exclusive(fs, s3_bucket.path("probe"), b"2")
+    assert create_exclusive(fs, s3_bucket.path("probe"), b"1") and not create_exclusive(
+        fs, s3_bucket.path("probe"), b"2"
+    )
     assert fs.cat_file(s3_bucket.path("probe")) == b"1"
 
     rows, local_store, _ = first_run
@@ -351,8 +421,14 @@ def test_s3_store_concurrent_runs_new_model_and_int8_delta(first_run, second_mod
         return json.loads(fs.cat_file(f"{store}/{LATEST_FILE}"))["version"], keys
 
     upload(rows)
-    run = dict(model=second_model, corpus=s3_bucket.path("corpus"), store=store, storage_option=options,
-               precision="int8", rows_per_shard=100)
+    run = dict(
+        model=second_model,
+        corpus=s3_bucket.path("corpus"),
+        store=store,
+        storage_option=options,
+        precision="int8",
+        rows_per_shard=100,
+    )
     results: list = [None, None]
     start = threading.Barrier(2)
 
@@ -373,7 +449,11 @@ def test_s3_store_concurrent_runs_new_model_and_int8_delta(first_run, second_mod
     assert len(won) == 1 and len(lost) == 1, results
     assert isinstance(lost[0], LockHeld) and f"{store}/_LOCK exists" in str(lost[0])
     summary = won[0]
-    assert summary["full"] and "fingerprint changed" in summary["reason"] and "precision changed" in summary["reason"]
+    assert (
+        summary["full"]
+        and "fingerprint changed" in summary["reason"]
+        and "precision changed" in summary["reason"]
+    )
     assert (summary["version"], summary["embedded"], summary["unchanged"]) == ("v00002", N_ROWS, N_ROWS)
     version, keys = state()
     assert version == "v00002" and LOCK_FILE not in keys and not any(k.startswith(STAGING_DIR) for k in keys)
@@ -381,8 +461,13 @@ def test_s3_store_concurrent_runs_new_model_and_int8_delta(first_run, second_mod
     edited, changes = edit(rows, seed=6)
     upload(edited)
     summary = reembed(**run)
-    assert (summary["version"], summary["new"], summary["changed"], summary["deleted"], summary["embedded"]) == (
-        "v00003", 2, 2, 2, 4)
+    assert (
+        summary["version"],
+        summary["new"],
+        summary["changed"],
+        summary["deleted"],
+        summary["embedded"],
+    ) == ("v00003", 2, 2, 2, 4)
     version, keys = state()
     assert version == "v00003" and LOCK_FILE not in keys and not any(k.startswith(STAGING_DIR) for k in keys)
 

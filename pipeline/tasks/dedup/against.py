@@ -54,15 +54,25 @@ def best_matches(pool, space: SearchSpace, fn: str, spec: DedupSpec, output: Out
                     labels = assign(x, centroids, fn)[0].numpy()
                     found = pool.call_each(
                         "cluster_topk",
-                        lambda slot, r=ref, lab=labels: (r, lab, centroids, fn, normalize, 1, spec.block_size),
+                        lambda slot, r=ref, lab=labels: (
+                            r,
+                            lab,
+                            centroids,
+                            fn,
+                            normalize,
+                            1,
+                            spec.block_size,
+                        ),
                     )
                 best, where = merge_topk([(torch.as_tensor(s), torch.as_tensor(i)) for s, i in found], 1)
                 scores, rows = best[:, 0].numpy().astype(np.float32), where[:, 0].numpy()
-            table = pa.table({
-                "row": pa.array(space.reps[space.offsets()[index] + np.arange(len(queries))], pa.int64()),
-                "reference_row": pa.array(rows, pa.int64()),
-                "score": pa.array(scores, pa.float32()),
-            })
+            table = pa.table(
+                {
+                    "row": pa.array(space.reps[space.offsets()[index] + np.arange(len(queries))], pa.int64()),
+                    "reference_row": pa.array(rows, pa.int64()),
+                    "score": pa.array(scores, pa.float32()),
+                }
+            )
             output.commit_part(f"{SEARCH_DIR}/best-{index:05d}.parquet", index, table)
         bar.update(int(part["rows"]))
     return extra
@@ -72,8 +82,9 @@ def pool_rows(pool) -> int:
     return int(sum(pool.call_each("size", lambda slot: ())))
 
 
-def commit_matches(output: OutputFolder, rep_of: np.ndarray, floor: float, ids: pa.Array, reference_ids: pa.Array
-                   ) -> None:
+def commit_matches(
+    output: OutputFolder, rep_of: np.ndarray, floor: float, ids: pa.Array, reference_ids: pa.Array
+) -> None:
     """Every input row (identical copies take their representative's match) whose best score reaches the
     floor, as ``matches/matches.parquet``; the per-part results go."""
     done = output.committed(SEARCH_DIR)
@@ -86,13 +97,19 @@ def commit_matches(output: OutputFolder, rep_of: np.ndarray, floor: float, ids: 
         match[rows] = part.column("reference_row").to_numpy()
     best, match = best[rep_of], match[rep_of]
     rows = np.flatnonzero((best.astype(np.float64) >= floor) & (match >= 0))
-    output.commit_part(MATCHES_FILE, 0, pa.table({
-        "row": pa.array(rows, pa.int64()),
-        "reference_row": pa.array(match[rows], pa.int64()),
-        "id": ids.take(pa.array(rows, pa.int64())),
-        "reference_id": reference_ids.take(pa.array(match[rows], pa.int64())),
-        "score": pa.array(best[rows], pa.float32()),
-    }))
+    output.commit_part(
+        MATCHES_FILE,
+        0,
+        pa.table(
+            {
+                "row": pa.array(rows, pa.int64()),
+                "reference_row": pa.array(match[rows], pa.int64()),
+                "id": ids.take(pa.array(rows, pa.int64())),
+                "reference_id": reference_ids.take(pa.array(match[rows], pa.int64())),
+                "score": pa.array(best[rows], pa.float32()),
+            }
+        ),
+    )
     output.remove(SEARCH_DIR)
     output.remove(f"{RECEIPTS_DIR}/{SEARCH_DIR}")
 
@@ -100,7 +117,9 @@ def commit_matches(output: OutputFolder, rep_of: np.ndarray, floor: float, ids: 
 def read_matches(output: OutputFolder) -> pa.Table:
     receipts = output.committed(MATCHES_DIR)
     if 0 not in receipts:
-        raise DatasetError(f"{output.url}: no {MATCHES_FILE}: its search did not finish (re-running resumes it)")
+        raise DatasetError(
+            f"{output.url}: no {MATCHES_FILE}: its search did not finish (re-running resumes it)"
+        )
     return output.read_part(receipts[0])
 
 

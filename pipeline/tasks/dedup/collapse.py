@@ -51,11 +51,13 @@ class Collapse:
 
     def table(self) -> pa.Table:
         members = self.members
-        return pa.table({
-            "row": pa.array(members, pa.int64()),
-            "rep_row": pa.array(self.rep_of[members], pa.int64()),
-            "self_score": pa.array(self.self_score[members], pa.float32()),
-        })
+        return pa.table(
+            {
+                "row": pa.array(members, pa.int64()),
+                "rep_row": pa.array(self.rep_of[members], pa.int64()),
+                "self_score": pa.array(self.self_score[members], pa.float32()),
+            }
+        )
 
     @classmethod
     def from_table(cls, rows: int, table: pa.Table) -> Collapse:
@@ -116,4 +118,3 @@ def collapse(source: Source, fn: str, output: OutputFolder) -> Collapse:
         result.self_score[result.members] = result.self_score[rep_of[result.members]]
     output.commit_part(COLLAPSED_FILE, 0, result.table())
     return result
-

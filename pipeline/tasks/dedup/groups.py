@@ -32,7 +32,9 @@ class Edges:
     stored: int  # the first ``stored`` edges are stored pairs, the rest identity edges
 
     @classmethod
-    def of(cls, pairs: pa.Table, rep_of: np.ndarray | None = None, self_score: np.ndarray | None = None) -> Edges:
+    def of(
+        cls, pairs: pa.Table, rep_of: np.ndarray | None = None, self_score: np.ndarray | None = None
+    ) -> Edges:
         i = pairs.column("row").to_numpy().astype(np.int64)
         j = pairs.column("neighbor_row").to_numpy().astype(np.int64)
         w = pairs.column("score").to_numpy().astype(np.float32)
@@ -44,7 +46,9 @@ class Edges:
         np.maximum.at(best, i, w)
         np.maximum.at(best, j, w)
         weight = np.maximum(self_score[members], best[reps]).astype(np.float32)
-        return cls(np.concatenate([i, members]), np.concatenate([j, reps]), np.concatenate([w, weight]), len(i))
+        return cls(
+            np.concatenate([i, members]), np.concatenate([j, reps]), np.concatenate([w, weight]), len(i)
+        )
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ def forest_weights(edges: Edges) -> np.ndarray:
     return np.sort(edges.w[keep])[::-1]
 
 
-def threshold_curve(edges: Edges, floor: float, top: float | None = None, points: int = CURVE_POINTS) -> list[dict]:
+def threshold_curve(
+    edges: Edges, floor: float, top: float | None = None, points: int = CURVE_POINTS
+) -> list[dict]:
     """Rows removed and groups at evenly spaced thresholds from the floor up, exactly (from the forest)."""
     keep = max_spanning_forest(edges.i, edges.j, edges.w)
     i, j, w = edges.i[keep], edges.j[keep], edges.w[keep]
@@ -151,7 +157,9 @@ def choose_kept(
         elif policy == "centroid":
             reps = np.asarray(rows) if rep_of is None else rep_of[np.asarray(rows)]
             unique, counts = np.unique(reps, return_counts=True)
-            kept[label] = centroid_member(np.stack([vectors[int(r)] for r in unique]), unique.tolist(), counts, fn)
+            kept[label] = centroid_member(
+                np.stack([vectors[int(r)] for r in unique]), unique.tolist(), counts, fn
+            )
         else:
             raise ValueError(f"keep policy must be first, longest or centroid, got {policy!r}")
     return kept

@@ -85,9 +85,7 @@ def plan_material(source: Source, fn: str, floor: float, spec: DedupSpec, worker
 
 
 def claim(output: OutputFolder, key: str, plan: dict, spec: DedupSpec, log) -> None:
-    existing = output.claim(
-        "dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES, log=log
-    )
+    existing = output.claim("dedup", key, plan, overwrite=spec.overwrite, owned=DEDUP_FILES, log=log)
     if existing is not None:
         output.mark_incomplete()  # a resumed dedup rewrites its outputs (the threshold may differ)
 
@@ -120,8 +118,13 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     actor_plan = cluster.plan_actors(spec.workers)
     workers = max(1, min(actor_plan.workers, len(source.parts)))
     key = plan_key(plan_material(source, fn, floor, spec, workers))
-    plan = {"source": source.root, "similarity_fn_name": fn, "pairs_floor": floor, "mode": spec.mode,
-            "raw": source.raw}
+    plan = {
+        "source": source.root,
+        "similarity_fn_name": fn,
+        "pairs_floor": floor,
+        "mode": spec.mode,
+        "raw": source.raw,
+    }
     claim(output, key, plan, spec, log)
     ids = source.ids()
     identical = collapse(source, fn, output)
@@ -133,9 +136,15 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
         num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
     timings = {}
     extra: dict = {
-        "mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders),
-        "collapsed": {"identical_sets": int(len(np.unique(identical.rep_of[identical.members]))),
-                      "rows_collapsed": int(len(identical.members)), "rows_searched": int(space.rows)},
+        "mode": spec.mode,
+        "pairs_floor": floor,
+        "source": source.root,
+        "workers": len(loaders),
+        "collapsed": {
+            "identical_sets": int(len(np.unique(identical.rep_of[identical.members]))),
+            "rows_collapsed": int(len(identical.members)),
+            "rows_searched": int(space.rows),
+        },
     }
     with index_pool(loaders, actor_plan.num_gpus, num_cpus) as pool:
         pairs_started = time.perf_counter()
@@ -144,14 +153,18 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
                 with tqdm(total=source.rows, unit="rows", disable=not spec.progress, file=sys.stderr) as bar:
                     forest = exact_pairs(pool, space, ids, fn, floor, spec, output, bar)
             else:
-                forest, extra["partitioned"] = partitioned_pairs(pool, space, ids, fn, floor, spec, output, log)
+                forest, extra["partitioned"] = partitioned_pairs(
+                    pool, space, ids, fn, floor, spec, output, log
+                )
             commit_forest(output, forest, ids)
         timings["pairs_seconds"] = round(time.perf_counter() - pairs_started, 3)
         edges = Edges.of(read_pairs(output, EDGE_COLUMNS), identical.rep_of, identical.self_score)
         threshold = choose_threshold(spec, edges, source.rows, floor)
         if spec.mode == "partitioned":
             labels = group(source.rows, edges, threshold).labels
-            extra.setdefault("partitioned", {})["recall_vs_exact"] = estimate_recall(pool, space, fn, threshold, spec, labels)
+            extra.setdefault("partitioned", {})["recall_vs_exact"] = estimate_recall(
+                pool, space, fn, threshold, spec, labels
+            )
         extra["actors_replaced"] = pool.stats.actors_replaced
     extra["timings"] = timings
     report = group_and_write(spec, source, ids, edges, fn, floor, threshold, output, extra, identical.rep_of)
@@ -184,10 +197,18 @@ def decontaminate(spec: DedupSpec, output: OutputFolder, log, started: float) ->
     actor_plan = cluster.plan_actors(spec.workers)
     references = SearchSpace.of(reference, np.arange(reference.rows))
     workers = max(1, min(actor_plan.workers, len(reference.parts)))
-    material = dict(plan_material(source, fn, floor, spec, workers),
-                    against=[p.get("sha256") for p in reference.parts])
-    plan = {"source": source.root, "against": reference.root, "similarity_fn_name": fn, "pairs_floor": floor,
-            "mode": spec.mode, "raw": source.raw, "against_raw": reference.raw}
+    material = dict(
+        plan_material(source, fn, floor, spec, workers), against=[p.get("sha256") for p in reference.parts]
+    )
+    plan = {
+        "source": source.root,
+        "against": reference.root,
+        "similarity_fn_name": fn,
+        "pairs_floor": floor,
+        "mode": spec.mode,
+        "raw": source.raw,
+        "against_raw": reference.raw,
+    }
     claim(output, plan_key(material), plan, spec, log)
     ids = source.ids()
     identical = collapse(source, fn, output)
@@ -196,8 +217,13 @@ def decontaminate(spec: DedupSpec, output: OutputFolder, log, started: float) ->
     num_cpus = actor_plan.num_cpus
     if not actor_plan.num_gpus:
         num_cpus = min(num_cpus, float(ray.cluster_resources().get("CPU", 1)) / len(loaders))
-    extra: dict = {"mode": spec.mode, "pairs_floor": floor, "source": source.root, "workers": len(loaders),
-                   "against": {"references": [reference.root], "reference_rows": reference.rows}}
+    extra: dict = {
+        "mode": spec.mode,
+        "pairs_floor": floor,
+        "source": source.root,
+        "workers": len(loaders),
+        "against": {"references": [reference.root], "reference_rows": reference.rows},
+    }
     search_started = time.perf_counter()
     if 0 not in output.committed(MATCHES_DIR):
         with index_pool(loaders, actor_plan.num_gpus, num_cpus) as pool:
@@ -211,8 +237,9 @@ def decontaminate(spec: DedupSpec, output: OutputFolder, log, started: float) ->
     return finish(output, report, source, spec.mode)
 
 
-def write_against(spec: DedupSpec, source: Source, matches, fn: str, floor: float, output: OutputFolder,
-                  extra: dict) -> dict:
+def write_against(
+    spec: DedupSpec, source: Source, matches, fn: str, floor: float, output: OutputFolder, extra: dict
+) -> dict:
     target = target_rows(source.rows, spec.target_rows, spec.target_fraction)
     threshold = spec.threshold
     if target is not None:
@@ -220,18 +247,30 @@ def write_against(spec: DedupSpec, source: Source, matches, fn: str, floor: floa
             threshold = threshold_for(match_weights(matches), source.rows, target, floor)
         except ValueError as exc:
             raise DedupError(str(exc)) from None
-        extra["target"] = {"rows": spec.target_rows, "fraction": spec.target_fraction, "target_rows": target,
-                           "threshold": threshold}
+        extra["target"] = {
+            "rows": spec.target_rows,
+            "fraction": spec.target_fraction,
+            "target_rows": target,
+            "threshold": threshold,
+        }
     receipts, scores = write_decontaminated(source, matches, threshold, output)
     removed = len(scores)
     extra["against"]["removed"] = removed
-    report = dict(extra, **{
-        "rows_in": source.rows, "rows_out": source.rows - removed, "removed": removed, "groups": 0,
-        "threshold": threshold, "similarity_fn_name": fn, "pairs_stored": matches.num_rows,
-        "threshold_curve": against_curve(matches, floor),
-        "score_to_kept_histogram": histogram(scores),
-        "pair_score_histogram": histogram(matches.column("score").to_numpy()),
-    })
+    report = dict(
+        extra,
+        **{
+            "rows_in": source.rows,
+            "rows_out": source.rows - removed,
+            "removed": removed,
+            "groups": 0,
+            "threshold": threshold,
+            "similarity_fn_name": fn,
+            "pairs_stored": matches.num_rows,
+            "threshold_curve": against_curve(matches, floor),
+            "score_to_kept_histogram": histogram(scores),
+            "pair_score_histogram": histogram(matches.column("score").to_numpy()),
+        },
+    )
     report["parts"] = receipts
     return report
 
@@ -247,14 +286,28 @@ def choose_threshold(spec: DedupSpec, edges: Edges, rows: int, floor: float) -> 
         raise DedupError(str(exc)) from None
 
 
-def group_and_write(spec, source, ids, edges: Edges, fn: str, floor: float, threshold: float,
-                    output: OutputFolder, extra: dict, rep_of) -> dict:
+def group_and_write(
+    spec,
+    source,
+    ids,
+    edges: Edges,
+    fn: str,
+    floor: float,
+    threshold: float,
+    output: OutputFolder,
+    extra: dict,
+    rep_of,
+) -> dict:
     """The threshold curve and target in the report, then the groups and outputs at ``threshold``."""
     target = target_rows(source.rows, spec.target_rows, spec.target_fraction)
     extra["threshold_curve"] = threshold_curve(edges, floor)
     if target is not None:
-        extra["target"] = {"rows": spec.target_rows, "fraction": spec.target_fraction, "target_rows": target,
-                           "threshold": threshold}
+        extra["target"] = {
+            "rows": spec.target_rows,
+            "fraction": spec.target_fraction,
+            "target_rows": target,
+            "threshold": threshold,
+        }
     return write_outputs(spec, source, ids, edges, fn, threshold, output, extra, rep_of)
 
 
@@ -281,12 +334,21 @@ def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
                 for receipt in earlier.committed(folder).values():
                     output.commit_part(receipt.part, receipt.shard_id, earlier.read_part(receipt))
             output.write_json(PLAN_FILE, plan)
-        extra = {"mode": plan["mode"], "pairs_floor": floor, "source": source.root, "from_pairs": earlier.url,
-                 "against": {"references": [plan["against"]]}}
-        return finish(output, write_against(spec, source, matches, fn, floor, output, extra), source, plan["mode"])
+        extra = {
+            "mode": plan["mode"],
+            "pairs_floor": floor,
+            "source": source.root,
+            "from_pairs": earlier.url,
+            "against": {"references": [plan["against"]]},
+        }
+        return finish(
+            output, write_against(spec, source, matches, fn, floor, output, extra), source, plan["mode"]
+        )
     identical = earlier.committed(COLLAPSE_DIR)
     if 0 not in identical:
-        raise DatasetError(f"{earlier.url}: no {COLLAPSED_FILE}; it was made by an older embedpipe: run dedup again")
+        raise DatasetError(
+            f"{earlier.url}: no {COLLAPSED_FILE}; it was made by an older embedpipe: run dedup again"
+        )
     identical = Collapse.from_table(source.rows, earlier.read_part(identical[0]))
     edges = Edges.of(read_pairs(earlier, EDGE_COLUMNS), identical.rep_of, identical.self_score)
     threshold = choose_threshold(spec, edges, source.rows, floor)

@@ -104,12 +104,24 @@ def write_outputs(
     )
     report.setdefault("timings", {})["grouping_seconds"] = round(time.perf_counter() - started, 3)
     report["parts"] = receipts  # finish() lists them in the manifest; popped before report.json is written
-    report["sample_groups"] = sample_groups(source, groups.sizes, members, kept, rep_of, vectors, fn, spec.seed)
+    report["sample_groups"] = sample_groups(
+        source, groups.sizes, members, kept, rep_of, vectors, fn, spec.seed
+    )
     return report
 
 
-def sample_groups(source: Source, sizes, members: dict, kept: dict, rep_of, vectors: dict, fn: str, seed: int,
-                  count: int = SAMPLE_GROUPS, rows_each: int = SAMPLE_ROWS) -> list[dict]:
+def sample_groups(
+    source: Source,
+    sizes,
+    members: dict,
+    kept: dict,
+    rep_of,
+    vectors: dict,
+    fn: str,
+    seed: int,
+    count: int = SAMPLE_GROUPS,
+    rows_each: int = SAMPLE_ROWS,
+) -> list[dict]:
     """The largest groups and some random ones, with their texts (kept row first), for report.html."""
     labels = sorted(kept, key=lambda label: (-int(sizes[label]), label))
     largest = labels[:count]
@@ -117,8 +129,10 @@ def sample_groups(source: Source, sizes, members: dict, kept: dict, rep_of, vect
     rng = np.random.default_rng(seed)
     random = sorted(rng.choice(rest, size=min(count, len(rest)), replace=False).tolist()) if rest else []
     picked = [(label, "largest") for label in largest] + [(int(label), "random") for label in random]
-    shown = {label: [kept[label], *[r for r in members[label] if r != kept[label]][: rows_each - 1]]
-             for label, _ in picked}
+    shown = {
+        label: [kept[label], *[r for r in members[label] if r != kept[label]][: rows_each - 1]]
+        for label, _ in picked
+    }
     column = source.metadata.get("text_column")
     wanted = [r for rows in shown.values() for r in rows]
     texts = source.rows_of(wanted, column) if column and wanted and has_column(source, column) else {}
@@ -129,11 +143,22 @@ def sample_groups(source: Source, sizes, members: dict, kept: dict, rep_of, vect
         rows = shown[label]
         anchor = vectors[int(rep_of[rows[0]])][None]
         scores = [float(similarity(vectors[int(rep_of[r])][None], anchor, fn)[0, 0]) for r in rows[1:]]
-        out.append({
-            "group_id": number[label], "size": int(sizes[label]), "kind": kind,
-            "members": [{"id": ids.get(r), "text": texts.get(r), "score": None if k == 0 else float(scores[k - 1]),
-                         "kept": k == 0} for k, r in enumerate(rows)],
-        })
+        out.append(
+            {
+                "group_id": number[label],
+                "size": int(sizes[label]),
+                "kind": kind,
+                "members": [
+                    {
+                        "id": ids.get(r),
+                        "text": texts.get(r),
+                        "score": None if k == 0 else float(scores[k - 1]),
+                        "kept": k == 0,
+                    }
+                    for k, r in enumerate(rows)
+                ],
+            }
+        )
     return out
 
 
@@ -141,8 +166,9 @@ def has_column(source: Source, column: str) -> bool:
     return column in source.folder.read_schema(source.parts[0]["part"]).names
 
 
-def scores_to_kept(removed: np.ndarray, labels: np.ndarray, kept: dict, rep_of: np.ndarray, vectors: dict,
-                   fn: str) -> np.ndarray:
+def scores_to_kept(
+    removed: np.ndarray, labels: np.ndarray, kept: dict, rep_of: np.ndarray, vectors: dict, fn: str
+) -> np.ndarray:
     """Each removed row's score to its group's kept row, computed once per (identical set, kept row)."""
     cache: dict[tuple[int, int], float] = {}
     out = np.zeros(len(removed), dtype=np.float32)

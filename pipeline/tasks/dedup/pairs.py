@@ -43,7 +43,8 @@ class SearchSpace:
     def of(cls, source: Source, reps: np.ndarray) -> SearchSpace:
         offsets = source.offsets()
         local = tuple(
-            reps[(reps >= offsets[p]) & (reps < offsets[p + 1])] - offsets[p] for p in range(len(source.parts))
+            reps[(reps >= offsets[p]) & (reps < offsets[p + 1])] - offsets[p]
+            for p in range(len(source.parts))
         )
         return cls(source, reps, local)
 
@@ -111,8 +112,8 @@ def merge(forest: SpanningForest, space: SearchSpace, found: list[tuple], ids: p
     """Edges found in searched-row numbers -> corpus rows, merged into the forest; the table of those
     that entered it (what is committed)."""
     i, j, s = (
-        np.concatenate([f[k] for f in found]) if found else np.zeros(0, dtype) for k, dtype in
-        enumerate((np.int64, np.int64, np.float32))
+        np.concatenate([f[k] for f in found]) if found else np.zeros(0, dtype)
+        for k, dtype in enumerate((np.int64, np.int64, np.float32))
     )
     i, j = space.reps[i.astype(np.int64)], space.reps[j.astype(np.int64)]
     entered = forest.add(i, j, s)
@@ -123,8 +124,11 @@ def restore(forest: SpanningForest, output: OutputFolder, done: dict) -> None:
     """A resumed run: the committed edges rebuild the forest they came from."""
     for number in sorted(done):
         table = output.read_part(done[number], ["row", "neighbor_row", "score"])
-        forest.add(table.column("row").to_numpy(), table.column("neighbor_row").to_numpy(),
-                   table.column("score").to_numpy())
+        forest.add(
+            table.column("row").to_numpy(),
+            table.column("neighbor_row").to_numpy(),
+            table.column("score").to_numpy(),
+        )
 
 
 def exact_pairs(
@@ -134,7 +138,9 @@ def exact_pairs(
     import ray
 
     offsets = space.offsets()
-    slice_ends = [max((start + rows for start, rows in runs), default=0) for _, runs in slices(space, pool.size)]
+    slice_ends = [
+        max((start + rows for start, rows in runs), default=0) for _, runs in slices(space, pool.size)
+    ]
     done = output.committed(SEARCH_DIR)
     forest = SpanningForest()
     restore(forest, output, done)
@@ -231,7 +237,9 @@ def cluster_pairs(pool, centroids, fn: str, normalize: bool, floor: float, block
                 if owner in finished:
                     continue
                 bundles = [refs[owner] for refs in split_refs]
-                result = ray.get(pool.actors[owner].cluster_pairs.remote(fn, floor, block_size, True, *bundles))
+                result = ray.get(
+                    pool.actors[owner].cluster_pairs.remote(fn, floor, block_size, True, *bundles)
+                )
                 finished.add(owner)
                 yield owner, result
             return
@@ -249,7 +257,9 @@ def gather_vectors(pool, index: np.ndarray) -> np.ndarray:
     return vectors[np.argsort(rows, kind="stable")]
 
 
-def estimate_recall(pool, space: SearchSpace, fn: str, threshold: float, spec: DedupSpec, labels: np.ndarray) -> dict:
+def estimate_recall(
+    pool, space: SearchSpace, fn: str, threshold: float, spec: DedupSpec, labels: np.ndarray
+) -> dict:
     """Recall of partitioned mode against exact search, for the pairs touching a seeded sample of searched
     rows: an exact pair counts as found when partitioned mode put both rows in one group."""
     import ray

@@ -52,7 +52,9 @@ class Source:
     def ids(self, column: str = "id") -> pa.Array:
         """Every row's id, in corpus order, as one Arrow array (compact: no Python object per id)."""
         chunks = [self.read_part(index, [column]).column(column) for index in range(len(self.parts))]
-        return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], chunks[0].type).combine_chunks()
+        return pa.chunked_array(
+            [c for chunk in chunks for c in chunk.chunks], chunks[0].type
+        ).combine_chunks()
 
     def lengths_of(self, rows, column: str) -> dict[int, int]:
         """The text length of each given global row (for ``--keep longest``), streaming part by part."""
