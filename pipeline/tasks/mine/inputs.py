@@ -17,7 +17,7 @@ the corpus slice actors the texts of their slice, and the driver the anchors of 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -203,15 +203,38 @@ def list_inputs(
 # -- the streaming pass ------------------------------------------------------------------------------
 
 
-def text_hashes(texts: Iterable[str], digest) -> np.ndarray:
-    """128-bit blake2b per text ([n, 2] uint64); every text also goes into ``digest`` (length-prefixed)."""
-    out = []
-    for text in texts:
-        data = text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-        out.append(hashlib.blake2b(data, digest_size=16).digest())
-    return np.frombuffer(b"".join(out), dtype=np.uint64).reshape(-1, 2).copy()
+def give_back_memory(trim: bool = False) -> None:
+    """Return freed memory to the system: Arrow's pool keeps the pages of every row group it decoded, and
+    glibc keeps its heap's top, so a streaming pass would otherwise leave the driver at its high-water mark."""
+    pa.default_memory_pool().release_unused()
+    if trim:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def hash_column(table: pa.Table, column: str, piece: Piece, digest, out: np.ndarray) -> None:
+    """Check a text column and write :func:`text_hashes` of it into ``out`` ([rows, 2] uint64), straight
+    from Arrow's UTF-8 buffers: no Python string per row, so streaming a large input leaves no heap behind."""
+    array = table.column(column)
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)) or array.null_count:
+        texts_of(table, column, piece)  # raises, naming the file and row
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    _, offsets_buffer, data_buffer = array.buffers()
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[array.offset : array.offset + len(array) + 1]
+    data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+    digests = bytearray()
+    update, blake2b = digest.update, hashlib.blake2b
+    for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        text = data[start:stop]
+        update((stop - start).to_bytes(8, "little"))
+        update(text)
+        digests += blake2b(text, digest_size=16).digest()
+    out[:] = np.frombuffer(bytes(digests), dtype=np.uint64).reshape(-1, 2)
 
 
 @dataclass
@@ -268,36 +291,43 @@ def scan_inputs(
     texts. ``on_corpus_hashes`` gets the distinct corpus texts' hashes (corpus-index order) before they are
     dropped (to map a dedup output onto corpus indices)."""
     corpus_digest, anchors_digest, positives_digest = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    extra_hashes = []
+    n_extra = sum(p.rows for p in inputs.extra)
+    n_pairs = sum(p.rows for p in inputs.pairs)
+    # One array per stream, filled piece by piece (no per-piece arrays left scattered over the heap).
+    corpus_hashes = np.empty((n_extra + n_pairs, 2), dtype=np.uint64)
+    anchor_hashes = np.empty((n_pairs, 2), dtype=np.uint64)
+    at = 0
     for piece in inputs.extra:
         table = piece.read([inputs.extra_column], storage_options)
-        extra_hashes.append(text_hashes(texts_of(table, inputs.extra_column, piece), corpus_digest))
-    anchor_hashes, positive_hashes = [], []
+        hash_column(table, inputs.extra_column, piece, corpus_digest, corpus_hashes[at : at + piece.rows])
+        at += piece.rows
+        del table
+        give_back_memory()
+    row = 0
     for piece in inputs.pairs:
         table = piece.read([inputs.anchor_column, inputs.positive_column], storage_options)
-        anchors = texts_of(table, inputs.anchor_column, piece)
-        positives = texts_of(table, inputs.positive_column, piece)
+        hash_column(table, inputs.anchor_column, piece, anchors_digest, anchor_hashes[row : row + piece.rows])
+        hash_column(
+            table,
+            inputs.positive_column,
+            piece,
+            positives_digest,
+            corpus_hashes[at + row : at + row + piece.rows],
+        )
+        row += piece.rows
         del table
-        anchor_hashes.append(text_hashes(anchors, anchors_digest))
-        positive_hashes.append(text_hashes(positives, positives_digest))
-    n_extra = sum(len(h) for h in extra_hashes)
-    corpus_hashes = (
-        np.concatenate([*extra_hashes, *positive_hashes])
-        if extra_hashes or positive_hashes
-        else np.zeros((0, 2), np.uint64)
-    )
-    del extra_hashes, positive_hashes
+        give_back_memory()
     corpus_ids, corpus_firsts = rules.first_appearance(corpus_hashes)
     if on_corpus_hashes is not None:
         on_corpus_hashes(corpus_hashes[corpus_firsts])
     del corpus_hashes
     positive_ids = corpus_ids[n_extra:].copy()
     del corpus_ids
-    anchor_hashes = np.concatenate(anchor_hashes)
     anchor_ids, anchor_firsts = rules.first_appearance(anchor_hashes)
     del anchor_hashes
     ptr, idx, max_positives = rules.positive_lists(anchor_ids, positive_ids, len(anchor_firsts))
     del anchor_ids, positive_ids
+    give_back_memory(trim=True)
 
     # Per piece of the corpus stream (extra corpus, then the pairs' positives): its new rows.
     is_first = np.zeros(n_extra + sum(p.rows for p in inputs.pairs), dtype=bool)

@@ -68,7 +68,7 @@ class TextCache:
         self.pieces: dict = {}
 
     def read(self, selection: Selection) -> list[str]:
-        from pipeline.tasks.mine.inputs import texts_of
+        from pipeline.tasks.mine.inputs import give_back_memory, texts_of
 
         out: list[str] = []
         for piece, rows in selection.parts:
@@ -78,6 +78,7 @@ class TextCache:
                 values = texts_of(
                     piece.read([selection.column], self.storage_options), selection.column, piece
                 )
+                give_back_memory()
             self.pieces[key] = values
             while len(self.pieces) > self.size:
                 self.pieces.pop(next(iter(self.pieces)))
