@@ -94,7 +94,9 @@ def _pairs(name: str) -> pa.Table:
     positives = [text[:TEXT_CHARS] for text in table.column(P).to_pylist()]
     if name == "faq":
         at = {row: i for i, row in enumerate(source_rows)}
-        rows = [at[row] for row in [*range(0, 70), 351, 378]]  # + the "What is Python?" anchor that occurs twice
+        rows = [
+            at[row] for row in [*range(0, 70), 351, 378]
+        ]  # + the "What is Python?" anchor that occurs twice
     else:
         counts: dict[str, int] = {}
         for text in queries:
@@ -127,13 +129,27 @@ def data(tmp_path_factory) -> Data:
     # The FAQ pairs with other columns around them: the default columns are the first two *text* columns.
     faq = tables["faq"]
     files["faq-wide"] = root / "faq-wide.parquet"
-    pq.write_table(pa.table({"row": pa.array(range(faq.num_rows), pa.int64()), A: faq.column(A), P: faq.column(P),
-                             "source": ["faq"] * faq.num_rows}), files["faq-wide"])
+    pq.write_table(
+        pa.table(
+            {
+                "row": pa.array(range(faq.num_rows), pa.int64()),
+                A: faq.column(A),
+                P: faq.column(P),
+                "source": ["faq"] * faq.num_rows,
+            }
+        ),
+        files["faq-wide"],
+    )
     # A separate corpus: other FAQ answers, two of the pairs' positives (never negatives for their own
     # anchors) and a repeated text (de-duplicated, as ST does).
     faq_rows = pq.read_table(TEST_DATA / "faq_pairs.parquet", columns=[P, "source_row"])
-    other = [text for text, row in zip(faq_rows.column(P).to_pylist(), faq_rows.column("source_row").to_pylist(),
-                                       strict=True) if 100 <= row < 160]
+    other = [
+        text
+        for text, row in zip(
+            faq_rows.column(P).to_pylist(), faq_rows.column("source_row").to_pylist(), strict=True
+        )
+        if 100 <= row < 160
+    ]
     corpus = [text[:TEXT_CHARS] for text in other]
     corpus += [faq.column(P)[3].as_py(), corpus[5], faq.column(P)[10].as_py()]
     keep = _tie_free(list(range(len(corpus))), corpus)
@@ -148,32 +164,98 @@ def data(tmp_path_factory) -> Data:
 # name: (model, pairs, corpus, our options, sentence-transformers options when they differ)
 CASES: dict[str, tuple[str, str, str | None, dict, dict | None]] = {
     # The packaged all-MiniLM-L6-v2: one case per output format.
-    "real-faq-triplet": ("real", "faq", None, {"output_format": "triplet", "output_scores": True,
-                                                "absolute_margin": 0.02, "max_score": 0.6, "min_score": 0.2}, None),
-    "real-faq-labeled-pair": ("real", "faq", None, {"output_format": "labeled-pair", "preset": "percpos95",
-                                                     "num_negatives": 4},
-                              {"output_format": "labeled-pair", "relative_margin": 0.05, "num_negatives": 4}),
-    "real-man-n-tuple": ("real", "man", None, {"output_format": "n-tuple", "output_scores": True, "range_min": 2,
-                                                "range_max": 15, "num_negatives": 5}, None),
+    "real-faq-triplet": (
+        "real",
+        "faq",
+        None,
+        {
+            "output_format": "triplet",
+            "output_scores": True,
+            "absolute_margin": 0.02,
+            "max_score": 0.6,
+            "min_score": 0.2,
+        },
+        None,
+    ),
+    "real-faq-labeled-pair": (
+        "real",
+        "faq",
+        None,
+        {"output_format": "labeled-pair", "preset": "percpos95", "num_negatives": 4},
+        {"output_format": "labeled-pair", "relative_margin": 0.05, "num_negatives": 4},
+    ),
+    "real-man-n-tuple": (
+        "real",
+        "man",
+        None,
+        {
+            "output_format": "n-tuple",
+            "output_scores": True,
+            "range_min": 2,
+            "range_max": 15,
+            "num_negatives": 5,
+        },
+        None,
+    ),
     "real-man-labeled-list": ("real", "man", None, {"output_format": "labeled-list"}, None),
     # The tiny random model (its scores crowd near 0.97, hence the small thresholds): the other half of
     # the matrix, each format with the other output_scores setting and other rules.
     "tiny-faq-triplet": ("tiny", "faq-wide", None, {}, None),
-    "tiny-man-n-tuple": ("tiny", "man", None, {"output_format": "n-tuple", "absolute_margin": 0.004,
-                                                "num_negatives": 2}, None),
-    "tiny-faq-labeled-pair": ("tiny", "faq", None, {"output_format": "labeled-pair", "output_scores": True,
-                                                     "range_min": 1, "range_max": 9, "max_score": 0.975}, None),
-    "tiny-man-labeled-list": ("tiny", "man", None, {"output_format": "labeled-list", "output_scores": True,
-                                                     "relative_margin": 0.003, "min_score": 0.9,
-                                                     "num_negatives": 4}, None),
-    "tiny-faq-include-positives": ("tiny", "faq", None, {"include_positives": True, "output_scores": True}, None),
+    "tiny-man-n-tuple": (
+        "tiny",
+        "man",
+        None,
+        {"output_format": "n-tuple", "absolute_margin": 0.004, "num_negatives": 2},
+        None,
+    ),
+    "tiny-faq-labeled-pair": (
+        "tiny",
+        "faq",
+        None,
+        {
+            "output_format": "labeled-pair",
+            "output_scores": True,
+            "range_min": 1,
+            "range_max": 9,
+            "max_score": 0.975,
+        },
+        None,
+    ),
+    "tiny-man-labeled-list": (
+        "tiny",
+        "man",
+        None,
+        {
+            "output_format": "labeled-list",
+            "output_scores": True,
+            "relative_margin": 0.003,
+            "min_score": 0.9,
+            "num_negatives": 4,
+        },
+        None,
+    ),
+    "tiny-faq-include-positives": (
+        "tiny",
+        "faq",
+        None,
+        {"include_positives": True, "output_scores": True},
+        None,
+    ),
     # A separate corpus, as raw files and as an embed output of the same model.
     "tiny-faq-corpus-files": ("tiny", "faq", "files", {"output_scores": True, "num_negatives": 2}, None),
-    "tiny-faq-corpus-embedded": ("tiny", "faq", "embedded", {"output_scores": True, "num_negatives": 2}, None),
+    "tiny-faq-corpus-embedded": (
+        "tiny",
+        "faq",
+        "embedded",
+        {"output_scores": True, "num_negatives": 2},
+        None,
+    ),
 }
 # Spread runs over several parts and, for the real model, two encoders and two index actors.
-LAYOUT = {"real": {"workers": 2, "texts_per_task": 40, "anchors_per_block": 24},
-          "tiny": {"workers": 1, "texts_per_task": 1000, "anchors_per_block": 30}}
+LAYOUT = {
+    "real": {"workers": 2, "texts_per_task": 40, "anchors_per_block": 24},
+    "tiny": {"workers": 1, "texts_per_task": 1000, "anchors_per_block": 30},
+}
 
 
 @dataclass
@@ -198,9 +280,16 @@ class Runs:
         self.st_models: dict[str, object] = {}
         self.embedded: Path | None = None
 
-    def spec(self, model: str, pairs: str, output: Path, corpus: list[str] | None = None, **options) -> MineSpec:
-        values = {"model": str(self.models[model]), "input": [str(self.data.files[pairs])], "output": str(output),
-                  "progress": False, **LAYOUT[model]}
+    def spec(
+        self, model: str, pairs: str, output: Path, corpus: list[str] | None = None, **options
+    ) -> MineSpec:
+        values = {
+            "model": str(self.models[model]),
+            "input": [str(self.data.files[pairs])],
+            "output": str(output),
+            "progress": False,
+            **LAYOUT[model],
+        }
         if pairs != "faq-wide":
             values.update(anchor_column=A, positive_column=P)
         if corpus:
@@ -218,9 +307,21 @@ class Runs:
     def embedded_corpus(self) -> Path:
         if self.embedded is None:
             output = self.root / "corpus-embedded"
-            run_embed(build_spec(EmbedSpec, {"model": str(self.models["tiny"]), "input": [str(self.data.files["corpus"])],
-                                             "output": str(output), "keep_columns": ["text"], "rows_per_shard": 25,
-                                             "workers": 1, "progress": False}), log=quiet)
+            run_embed(
+                build_spec(
+                    EmbedSpec,
+                    {
+                        "model": str(self.models["tiny"]),
+                        "input": [str(self.data.files["corpus"])],
+                        "output": str(output),
+                        "keep_columns": ["text"],
+                        "rows_per_shard": 25,
+                        "workers": 1,
+                        "progress": False,
+                    },
+                ),
+                log=quiet,
+            )
             self.embedded = output
         return self.embedded
 
@@ -253,9 +354,17 @@ class Runs:
         table = self.data.tables["faq" if pairs == "faq-wide" else pairs]
         dataset = Dataset.from_dict({A: table.column(A).to_pylist(), P: table.column(P).to_pylist()})
         result = mine_hard_negatives(
-            dataset, self.st_model(model), anchor_column_name=A, positive_column_name=P,
-            corpus=list(self.data.corpus_texts) if corpus else None, sampling_strategy="top", use_faiss=False,
-            batch_size=32, verbose=False, cache_folder=str(self.root / f"st-cache-{model}"), **options,
+            dataset,
+            self.st_model(model),
+            anchor_column_name=A,
+            positive_column_name=P,
+            corpus=list(self.data.corpus_texts) if corpus else None,
+            sampling_strategy="top",
+            use_faiss=False,
+            batch_size=32,
+            verbose=False,
+            cache_folder=str(self.root / f"st-cache-{model}"),
+            **options,
         )
         return result.data.table
 
@@ -299,8 +408,11 @@ def test_parity_with_sentence_transformers(runs: Runs, name: str) -> None:
     model, pairs, _, options, st_options = CASES[name]
     run = runs.case(name)
     ours = run.table()
-    assert_same_output(runs.st(model, pairs, **(st_options if st_options is not None else options)), ours,
-                       score_tolerance(runs.models[model]))
+    assert_same_output(
+        runs.st(model, pairs, **(st_options if st_options is not None else options)),
+        ours,
+        score_tolerance(runs.models[model]),
+    )
 
     report = run.report
     table = runs.data.tables["faq" if pairs == "faq-wide" else pairs]
@@ -309,7 +421,9 @@ def test_parity_with_sentence_transformers(runs: Runs, name: str) -> None:
     assert report["rows_out"] == ours.num_rows
     assert report["anchors_out"] == len(set(ours.column(A).to_pylist()))
     assert report["parts"] == len(run.parts) > 1 and report["parts_written"] == report["parts"]
-    assert (run.output / "_SUCCESS").exists() and json.loads((run.output / "report.json").read_text()) == report
+    assert (run.output / "_SUCCESS").exists() and json.loads(
+        (run.output / "report.json").read_text()
+    ) == report
     assert set(report["dropped"]) == set(RULES)
     for rule in ("absolute_margin", "relative_margin", "max_score", "min_score"):
         if report["options"][rule] is None:
@@ -339,11 +453,15 @@ def test_preset_overrides_nothing_set_explicitly(tmp_path: Path) -> None:
     base = {"model": "m", "input": ["x"], "output": "o"}
     assert mining_options(build_spec(MineSpec, {**base, "preset": "marginpos"}), 1).absolute_margin == 0.05
     assert mining_options(build_spec(MineSpec, {**base, "preset": "percpos95"}), 1).relative_margin == 0.05
-    explicit = mining_options(build_spec(MineSpec, {**base, "preset": "marginpos", "absolute_margin": 0.1}), 1)
+    explicit = mining_options(
+        build_spec(MineSpec, {**base, "preset": "marginpos", "absolute_margin": 0.1}), 1
+    )
     assert explicit.absolute_margin == 0.1 and explicit.relative_margin is None
     # From YAML with a flag on top: both count as explicit.
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({**base, "preset": "percpos95", "relative_margin": 0.2, "num_negatives": 5}))
+    spec_file.write_text(
+        yaml.safe_dump({**base, "preset": "percpos95", "relative_margin": 0.2, "num_negatives": 5})
+    )
     from_yaml = load_spec(MineSpec, spec_file, {"absolute_margin": 0.01})
     options = mining_options(from_yaml, 2)
     assert (options.relative_margin, options.absolute_margin, options.num_negatives) == (0.2, 0.01, 5)
@@ -352,22 +470,82 @@ def test_preset_overrides_nothing_set_explicitly(tmp_path: Path) -> None:
 
 
 def test_flags_and_yaml_give_the_same_spec(tmp_path: Path) -> None:
-    flags = ["mine", "--model", "m", "--input", "a.parquet", "b.parquet", "--output", "o", "--corpus", "c",
-             "--anchor-column", "q", "--positive-column", "d", "--range-min", "1", "--range-max", "20",
-             "--max-score", "0.9", "--min-score", "0.1", "--absolute-margin", "0.01", "--relative-margin", "0.02",
-             "--num-negatives", "4", "--sampling-strategy", "random", "--seed", "3", "--include-positives",
-             "--output-format", "labeled-list", "--output-scores", "--query-prompt-name", "query",
-             "--corpus-prompt", "passage: ", "--preset", "marginpos"]
+    flags = [
+        "mine",
+        "--model",
+        "m",
+        "--input",
+        "a.parquet",
+        "b.parquet",
+        "--output",
+        "o",
+        "--corpus",
+        "c",
+        "--anchor-column",
+        "q",
+        "--positive-column",
+        "d",
+        "--range-min",
+        "1",
+        "--range-max",
+        "20",
+        "--max-score",
+        "0.9",
+        "--min-score",
+        "0.1",
+        "--absolute-margin",
+        "0.01",
+        "--relative-margin",
+        "0.02",
+        "--num-negatives",
+        "4",
+        "--sampling-strategy",
+        "random",
+        "--seed",
+        "3",
+        "--include-positives",
+        "--output-format",
+        "labeled-list",
+        "--output-scores",
+        "--query-prompt-name",
+        "query",
+        "--corpus-prompt",
+        "passage: ",
+        "--preset",
+        "marginpos",
+    ]
     args = cli.build_parser().parse_args(flags)
-    from_flags = load_spec(MineSpec, None, {k: v for k, v in vars(args).items()
-                                            if k not in ("spec", "command", "verbose")})
+    from_flags = load_spec(
+        MineSpec, None, {k: v for k, v in vars(args).items() if k not in ("spec", "command", "verbose")}
+    )
     spec_file = tmp_path / "mine.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "model": "m", "input": ["a.parquet", "b.parquet"], "output": "o", "corpus": "c", "anchor_column": "q",
-        "positive_column": "d", "range_min": 1, "range_max": 20, "max_score": 0.9, "min_score": 0.1,
-        "absolute_margin": 0.01, "relative_margin": 0.02, "num_negatives": 4, "sampling_strategy": "random",
-        "seed": 3, "include_positives": True, "output_format": "labeled-list", "output_scores": True,
-        "query_prompt_name": "query", "corpus_prompt": "passage: ", "preset": "marginpos"}))
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": "m",
+                "input": ["a.parquet", "b.parquet"],
+                "output": "o",
+                "corpus": "c",
+                "anchor_column": "q",
+                "positive_column": "d",
+                "range_min": 1,
+                "range_max": 20,
+                "max_score": 0.9,
+                "min_score": 0.1,
+                "absolute_margin": 0.01,
+                "relative_margin": 0.02,
+                "num_negatives": 4,
+                "sampling_strategy": "random",
+                "seed": 3,
+                "include_positives": True,
+                "output_format": "labeled-list",
+                "output_scores": True,
+                "query_prompt_name": "query",
+                "corpus_prompt": "passage: ",
+                "preset": "marginpos",
+            }
+        )
+    )
     from_yaml = load_spec(MineSpec, spec_file)
     assert from_flags == from_yaml
     assert mining_options(from_flags, 1) == mining_options(from_yaml, 1)
@@ -395,16 +573,26 @@ def test_separate_corpus_files_and_reused_embed_output(runs: Runs) -> None:
     for a, n in zip(table.column(A).to_pylist(), table.column("negative").to_pylist(), strict=True):
         assert n not in positives[a]
     # Corpus-only texts are found as negatives.
-    assert set(table.column("negative").to_pylist()) & (set(runs.data.corpus_texts) - set(faq.column(P).to_pylist()))
+    assert set(table.column("negative").to_pylist()) & (
+        set(runs.data.corpus_texts) - set(faq.column(P).to_pylist())
+    )
 
 
 def test_embed_output_of_another_model_is_not_reused(runs: Runs) -> None:
     spec = runs.spec("tiny", "faq", runs.root / "unused", [str(runs.embedded_corpus())])
     source = mine_task.read_corpus(spec, {}, "another-fingerprint", "")
     assert source.vectors is None and source.reused_from is None and source.texts == runs.data.corpus_texts
-    same = mine_task.read_corpus(spec, {}, json.loads(pq.read_schema(
-        sorted(runs.embedded_corpus().glob("part-*.parquet"))[0]).metadata[b"embedpipe"])["fingerprint"], "")
-    assert same.reused_from == str(runs.embedded_corpus()) and same.vectors.shape[0] == len(runs.data.corpus_texts)
+    same = mine_task.read_corpus(
+        spec,
+        {},
+        json.loads(
+            pq.read_schema(sorted(runs.embedded_corpus().glob("part-*.parquet"))[0]).metadata[b"embedpipe"]
+        )["fingerprint"],
+        "",
+    )
+    assert same.reused_from == str(runs.embedded_corpus()) and same.vectors.shape[0] == len(
+        runs.data.corpus_texts
+    )
     other_prompt = mine_task.read_corpus(spec, {}, "x", "passage: ")
     assert other_prompt.vectors is None
 
@@ -420,8 +608,12 @@ def test_repeated_anchor_has_all_its_positives_excluded(runs: Runs) -> None:
             positives[a].append(p)
     assert max(len(v) for v in positives.values()) > 1
     table = runs.case("real-man-labeled-list").table()
-    for anchor, docs, labels in zip(table.column(A).to_pylist(), table.column(P).to_pylist(),
-                                    table.column("labels").to_pylist(), strict=True):
+    for anchor, docs, labels in zip(
+        table.column(A).to_pylist(),
+        table.column(P).to_pylist(),
+        table.column("labels").to_pylist(),
+        strict=True,
+    ):
         assert labels[0] == 1 and set(labels[1:]) == {0}
         assert docs[0] in positives[anchor]
         assert not set(docs[1:]) & set(positives[anchor])
@@ -478,15 +670,19 @@ def _negatives(table: pa.Table) -> dict[str, list[str]]:
 
 def test_random_sampling_is_seeded_and_stays_in_the_window(runs: Runs) -> None:
     first = runs.run("random-7", "tiny", "man", **RANDOM_7)
-    again = runs.run("random-7-other-layout", "tiny", "man", seed=7, workers=1, anchors_per_block=50, **RANDOM)
+    again = runs.run(
+        "random-7-other-layout", "tiny", "man", seed=7, workers=1, anchors_per_block=50, **RANDOM
+    )
     other = runs.run("random-8", "tiny", "man", seed=8, **RANDOM)
     assert first.table().equals(again.table())  # same seed: same draw, whatever the blocks and workers
     assert len(first.parts) != len(again.parts)
     assert not first.table().equals(other.table())
     bounds = _window_bounds(runs, "man")
     chosen = _negatives(first.table())
-    top = {a: sorted((s for t, s in row.items() if t not in pos), reverse=True)[1:4]
-           for a, (_, _, row, pos) in bounds.items()}
+    top = {
+        a: sorted((s for t, s in row.items() if t not in pos), reverse=True)[1:4]
+        for a, (_, _, row, pos) in bounds.items()
+    }
     differs_from_top = 0
     tolerance = score_tolerance(runs.models["tiny"])  # the bounds come from another encoding than the job's
     for anchor, negatives in chosen.items():
@@ -519,25 +715,33 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
     assert sorted(after) == sorted(before)
     for name, (data, mtime) in after.items():
         assert data == before[name][0], name  # identical bytes
-        assert (mtime == before[name][1]) == (name != "part-00001.parquet"), name  # only the missing one rewritten
+        assert (mtime == before[name][1]) == (name != "part-00001.parquet"), (
+            name
+        )  # only the missing one rewritten
     volatile = ("timings", "workers", "parts_written", "parts_resumed", "output")
     assert {k: v for k, v in report.items() if k not in volatile} == {
-        k: v for k, v in original.report.items() if k not in volatile}
+        k: v for k, v in original.report.items() if k not in volatile
+    }
     assert (copy / "_SUCCESS").exists()
 
     # Complete: a re-run commits nothing and does not even start Ray.
     from pipeline.runtime import cluster
 
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray was started for a complete output"))
+    monkeypatch.setattr(
+        cluster, "connect", lambda *a, **k: pytest.fail("Ray was started for a complete output")
+    )
     again = run_mine(spec, log=quiet)
     assert again["parts_written"] == 0 and again["rows_out"] == original.report["rows_out"]
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("part-*.parquet")} == {
-        n: m for n, (_, m) in after.items()}
+        n: m for n, (_, m) in after.items()
+    }
 
     # Other options on the same output are refused (nothing replaced) unless --overwrite.
     with pytest.raises(ValueError, match="other input or options"):
         run_mine(runs.spec("tiny", "man", copy, seed=8, **RANDOM), log=quiet)
-    assert {p.name: p.read_bytes() for p in copy.glob("part-*.parquet")} == {n: d for n, (d, _) in after.items()}
+    assert {p.name: p.read_bytes() for p in copy.glob("part-*.parquet")} == {
+        n: d for n, (d, _) in after.items()
+    }
 
     # With --overwrite the mining output is replaced by the new options' (nothing of the old run is left).
     (copy / "part-00999.parquet").write_bytes(b"stale")
@@ -555,7 +759,9 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
 def _dataset(run: Run, cache: Path):
     from datasets import load_dataset
 
-    return load_dataset("parquet", data_files=[str(p) for p in run.parts], split="train", cache_dir=str(cache))
+    return load_dataset(
+        "parquet", data_files=[str(p) for p in run.parts], split="train", cache_dir=str(cache)
+    )
 
 
 def _train_bi_encoder(model_dir: Path, dataset, loss_name: str, out: Path) -> float:
@@ -568,21 +774,31 @@ def _train_bi_encoder(model_dir: Path, dataset, loss_name: str, out: Path) -> fl
 
     model = SentenceTransformer(str(model_dir), device="cpu")
     loss = getattr(losses, loss_name)(model)
-    args = SentenceTransformerTrainingArguments(output_dir=str(out), max_steps=1, per_device_train_batch_size=8,
-                                                report_to="none", save_strategy="no", logging_steps=1,
-                                                disable_tqdm=True)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     result = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
     return result.training_loss
 
 
-@pytest.mark.parametrize(("name", "loss"), [
-    ("tiny-faq-triplet", "MultipleNegativesRankingLoss"),
-    ("tiny-man-n-tuple", "MultipleNegativesRankingLoss"),
-    ("real-faq-labeled-pair", "CoSENTLoss"),  # int64 labels
-    ("tiny-faq-labeled-pair", "CoSENTLoss"),  # float scores
-])
-def test_output_trains_a_sentence_transformer(runs: Runs, tiny_model_dir: Path, tmp_path: Path, name: str,
-                                              loss: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "loss"),
+    [
+        ("tiny-faq-triplet", "MultipleNegativesRankingLoss"),
+        ("tiny-man-n-tuple", "MultipleNegativesRankingLoss"),
+        ("real-faq-labeled-pair", "CoSENTLoss"),  # int64 labels
+        ("tiny-faq-labeled-pair", "CoSENTLoss"),  # float scores
+    ],
+)
+def test_output_trains_a_sentence_transformer(
+    runs: Runs, tiny_model_dir: Path, tmp_path: Path, name: str, loss: str
+) -> None:
     run = runs.case(name)
     dataset = _dataset(run, tmp_path / "hf-cache")
     assert dataset.column_names == run.table().column_names and len(dataset) == run.report["rows_out"]
@@ -604,9 +820,18 @@ def test_labeled_list_trains_a_cross_encoder_with_listnet(runs: Runs, tmp_path: 
     run = runs.case(name)
     dataset = _dataset(run, tmp_path / "hf-cache")
     model = CrossEncoder(str(build_plain_hf_model(tmp_path / "backbone")), num_labels=1, device="cpu")
-    args = CrossEncoderTrainingArguments(output_dir=str(tmp_path / "train"), max_steps=1, per_device_train_batch_size=4,
-                                         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
-    result = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=ListNetLoss(model)).train()
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(tmp_path / "train"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    result = CrossEncoderTrainer(
+        model=model, args=args, train_dataset=dataset, loss=ListNetLoss(model)
+    ).train()
     assert math.isfinite(result.training_loss)
 
 
@@ -617,18 +842,45 @@ def test_cli_with_a_yaml_spec_and_flags(runs: Runs, tmp_path: Path, capsys) -> N
     """`embedpipe mine --spec s.yaml --preset marginpos --absolute-margin ...`: flags over YAML, preset under both."""
     output = tmp_path / "cli-out"
     spec_file = tmp_path / "mine.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "model": str(runs.models["tiny"]), "input": [str(runs.data.files["faq"])], "output": str(output),
-        "anchor_column": A, "positive_column": P, "output_format": "triplet", "num_negatives": 2,
-        "absolute_margin": 0.5, "anchors_per_block": 40, "workers": 1, "progress": False}))
-    code = cli.main(["mine", "--spec", str(spec_file), "--preset", "marginpos", "--absolute-margin", "0.003",
-                     "--max-score", "0.98"])
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(runs.models["tiny"]),
+                "input": [str(runs.data.files["faq"])],
+                "output": str(output),
+                "anchor_column": A,
+                "positive_column": P,
+                "output_format": "triplet",
+                "num_negatives": 2,
+                "absolute_margin": 0.5,
+                "anchors_per_block": 40,
+                "workers": 1,
+                "progress": False,
+            }
+        )
+    )
+    code = cli.main(
+        [
+            "mine",
+            "--spec",
+            str(spec_file),
+            "--preset",
+            "marginpos",
+            "--absolute-margin",
+            "0.003",
+            "--max-score",
+            "0.98",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["options"]["absolute_margin"] == 0.003 and report["options"]["max_score"] == 0.98
     ours = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("part-*.parquet"))])
-    assert_same_output(runs.st("tiny", "faq", num_negatives=2, absolute_margin=0.003, max_score=0.98), ours,
-                       score_tolerance(runs.models["tiny"]))
+    assert_same_output(
+        runs.st("tiny", "faq", num_negatives=2, absolute_margin=0.003, max_score=0.98),
+        ours,
+        score_tolerance(runs.models["tiny"]),
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -650,7 +902,11 @@ def _write(path: Path, table: pa.Table) -> str:
 BAD_OPTIONS = [
     ({"anchor_column": "question"}, CorpusError, "missing anchor column 'question'; has query, positive"),
     ({"positive_column": "answer"}, CorpusError, "missing positive column 'answer'"),
-    ({"range_max": 5, "num_negatives": 6}, ValueError, "cannot mine num_negatives=6 negatives per anchor: only 5"),
+    (
+        {"range_max": 5, "num_negatives": 6},
+        ValueError,
+        "cannot mine num_negatives=6 negatives per anchor: only 5",
+    ),
     ({"range_min": 3, "range_max": 8, "num_negatives": 6}, ValueError, "only 5 candidates remain"),
     ({"range_min": 5, "range_max": 5}, SpecError, "range_min: 5 must be smaller than range_max 5"),
     ({"absolute_margin": -0.1}, SpecError, "absolute_margin: must not be negative"),
@@ -664,21 +920,33 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("options", "error", "message"), BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS])
-def test_bad_options_fail_before_anything_is_written(data: Data, tiny_model_dir: Path, tmp_path: Path, no_ray,
-                                                     options: dict, error: type, message: str) -> None:
+@pytest.mark.parametrize(
+    ("options", "error", "message"), BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS]
+)
+def test_bad_options_fail_before_anything_is_written(
+    data: Data, tiny_model_dir: Path, tmp_path: Path, no_ray, options: dict, error: type, message: str
+) -> None:
     output = tmp_path / "out"
-    values = {"model": str(tiny_model_dir), "input": [str(data.files["faq"])], "output": str(output),
-              "anchor_column": A, "positive_column": P, "progress": False, **options}
+    values = {
+        "model": str(tiny_model_dir),
+        "input": [str(data.files["faq"])],
+        "output": str(output),
+        "anchor_column": A,
+        "positive_column": P,
+        "progress": False,
+        **options,
+    }
     with pytest.raises(error, match=re.escape(message)):
         run_mine(build_spec(MineSpec, values), log=quiet)
     assert not output.exists()
 
 
-def test_bad_inputs_fail_before_anything_is_written(data: Data, tiny_model_dir: Path, tmp_path: Path,
-                                                    no_ray) -> None:
-    empty_pairs = _write(tmp_path / "empty.parquet", pa.table({A: pa.array([], pa.string()),
-                                                               P: pa.array([], pa.string())}))
+def test_bad_inputs_fail_before_anything_is_written(
+    data: Data, tiny_model_dir: Path, tmp_path: Path, no_ray
+) -> None:
+    empty_pairs = _write(
+        tmp_path / "empty.parquet", pa.table({A: pa.array([], pa.string()), P: pa.array([], pa.string())})
+    )
     empty_corpus = _write(tmp_path / "empty-corpus.parquet", pa.table({"text": pa.array([], pa.string())}))
     one_column = _write(tmp_path / "one.parquet", pa.table({A: ["a", "b"], "n": [1, 2]}))
     null_text = _write(tmp_path / "null.parquet", pa.table({A: ["a", "b"], P: ["x", None]}))
@@ -686,27 +954,49 @@ def test_bad_inputs_fail_before_anything_is_written(data: Data, tiny_model_dir: 
     cases = [
         ({"input": [empty_pairs]}, MineError, "empty.parquet: no rows"),
         ({"corpus": [empty_corpus]}, MineError, "corpus .*empty-corpus.parquet: no rows"),
-        ({"corpus": [str(data.files["faq"])]}, CorpusError, "missing corpus text column 'text'; has query, positive"),
-        ({"input": [one_column], "anchor_column": None, "positive_column": None}, CorpusError,
-         r"no positive column \(found text columns: \['query'\]\)"),
+        (
+            {"corpus": [str(data.files["faq"])]},
+            CorpusError,
+            "missing corpus text column 'text'; has query, positive",
+        ),
+        (
+            {"input": [one_column], "anchor_column": None, "positive_column": None},
+            CorpusError,
+            r"no positive column \(found text columns: \['query'\]\)",
+        ),
         ({"input": [null_text]}, CorpusError, "null.parquet: row 1: 'positive' is None, expected a text"),
         ({"input": [clash], "anchor_column": "negative"}, ValueError, "column name 'negative' clashes"),
         ({"input": [str(tmp_path / "missing.parquet")]}, FileNotFoundError, "input not found"),
     ]
     for number, (options, error, message) in enumerate(cases):
         output = tmp_path / f"out-{number}"
-        values = {"model": str(tiny_model_dir), "input": [str(data.files["faq"])], "output": str(output),
-                  "anchor_column": A, "positive_column": P, "progress": False}
+        values = {
+            "model": str(tiny_model_dir),
+            "input": [str(data.files["faq"])],
+            "output": str(output),
+            "anchor_column": A,
+            "positive_column": P,
+            "progress": False,
+        }
         values.update(options)
         with pytest.raises(error, match=message):
             run_mine(build_spec(MineSpec, {k: v for k, v in values.items() if v is not None}), log=quiet)
         assert not output.exists(), options
 
 
-def test_cli_reports_bad_input_with_exit_code_2(data: Data, tiny_model_dir: Path, tmp_path: Path, capsys,
-                                                no_ray) -> None:
-    base = ["mine", "--model", str(tiny_model_dir), "--input", str(data.files["faq"]), "--output",
-            str(tmp_path / "out"), "--no-progress"]
+def test_cli_reports_bad_input_with_exit_code_2(
+    data: Data, tiny_model_dir: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    base = [
+        "mine",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(data.files["faq"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert cli.main([*base, "--range-min", "5", "--range-max", "5"]) == 2
     assert "embedpipe mine: error: range_min: 5 must be smaller than range_max 5" in capsys.readouterr().err
     assert cli.main([*base, "--range-max", "4", "--num-negatives", "5"]) == 2
