@@ -101,7 +101,7 @@ def select_rows(pieces: Sequence[Piece], offsets: np.ndarray, rows: np.ndarray, 
     which = np.searchsorted(offsets, rows, side="right") - 1
     parts = []
     for number in np.unique(which).tolist():
-        local = rows[which == number] - offsets[number]
+        local = (rows[which == number] - offsets[number]).astype(np.int32)  # rows within a piece: small
         parts.append((pieces[number], local))
     return Selection(tuple(parts), column)
 
@@ -280,6 +280,13 @@ class MinePlan:
         )
 
 
+def compact(values: np.ndarray) -> np.ndarray:
+    """int32 when every value fits (the plan's arrays are what the driver keeps per pair)."""
+    if len(values) and (values.max() >= 2**31 or values.min() < -(2**31)):
+        return values
+    return values.astype(np.int32)
+
+
 def offsets_of(pieces: Sequence[Piece]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([p.rows for p in pieces], dtype=np.int64)]).astype(np.int64)
 
@@ -337,7 +344,7 @@ def scan_inputs(
     stream = [(p, inputs.extra_column, inputs.embed_root is not None) for p in inputs.extra]
     stream += [(p, inputs.positive_column, False) for p in inputs.pairs]
     for piece, column, from_embed in stream:
-        local = np.flatnonzero(is_first[position : position + piece.rows]).astype(np.int64)
+        local = np.flatnonzero(is_first[position : position + piece.rows]).astype(np.int32)
         if len(local):
             chunks.append(CorpusChunk(piece, column, local, start, from_embed))
             start += len(local)
@@ -348,9 +355,9 @@ def scan_inputs(
         anchors=len(anchor_firsts),
         corpus_size=len(corpus_firsts),
         max_positives=max_positives,
-        anchor_rows=anchor_firsts,
-        positive_ptr=ptr,
-        positive_idx=idx,
+        anchor_rows=compact(anchor_firsts),
+        positive_ptr=compact(ptr),
+        positive_idx=compact(idx),
         chunks=chunks,
         pairs_digest=hashlib.sha256(
             f"{anchors_digest.hexdigest()} {positives_digest.hexdigest()}".encode()

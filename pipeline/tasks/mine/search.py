@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.tasks.mine.blocks import BlockWriter, CandidateBlock, finish_block
-from pipeline.tasks.mine.inputs import MinePlan, Selection
+from pipeline.tasks.mine.inputs import MinePlan, Selection, give_back_memory
 from pipeline.tasks.mine.slices import SliceChunk, SliceLoader, slice_pool
 
 
@@ -68,7 +68,7 @@ class TextCache:
         self.pieces: dict = {}
 
     def read(self, selection: Selection) -> list[str]:
-        from pipeline.tasks.mine.inputs import give_back_memory, texts_of
+        from pipeline.tasks.mine.inputs import texts_of
 
         out: list[str] = []
         for piece, rows in selection.parts:
@@ -181,6 +181,7 @@ def mine_blocks(
         replaced = encoders.stats.actors_replaced
     anchor_refs = {number: encoded.pop(("anchors", number)) for number in todo}
     timings["encode_seconds"] = round(time.perf_counter() - started, 3)
+    give_back_memory(trim=True)
 
     def vectors_of(number: int):
         chunk = plan.chunks[number]
@@ -199,6 +200,8 @@ def mine_blocks(
                 anchors = texts.read(plan.anchor_selection(start, stop))
                 block = search_block(ctx, index, number, start, stop, anchor_refs.pop(number), anchors)
                 done[number] = finish_block(ctx.writer, block, anchors, fetch)
+                del block
+                give_back_memory(trim=True)  # each block's texts and tables: back to the system, not kept
                 bar.update(stop - start)
         replaced += index.stats.actors_replaced
     timings["mine_seconds"] = round(time.perf_counter() - started, 3)
