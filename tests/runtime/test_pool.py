@@ -82,10 +82,17 @@ def slices(size: int, marker: str | None = None, **kwargs) -> ActorPool:
 
 
 def assert_all_gone(handles: list, pids: list[int]) -> None:
-    """Every handle answers as dead and every process has exited."""
+    """Every handle answers as dead (ray.kill is asynchronous: a call may still be served for a moment) and
+    every process has exited."""
+    deadline = time.monotonic() + 30
     for actor in handles:
-        with pytest.raises(RayActorError):
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=30)
+            except RayActorError:
+                break
+            assert time.monotonic() < deadline, "an actor still answers 30 s after the pool was closed"
+            time.sleep(0.1)
     deadline = time.monotonic() + 30
     alive = pids
     while alive and time.monotonic() < deadline:
