@@ -100,6 +100,8 @@ def run_demo(output: str = "demo-output") -> int:
     ):
         best = np.argsort(-scores, kind="stable")[:3]
         print(f"  {query!r}: " + ", ".join(f"{ids[i]} ({scores[i]:.2f})" for i in best))
-    print(f"\noutput: {root / 'embeddings'} ({summary['shards']['total']} parts, _manifest.json, _SUCCESS)")
+    print(
+        f"\noutput: {root / 'embeddings'} ({summary['shards']['total']} parts; .embedpipe/ holds the manifest and SUCCESS)"
+    )
     print("summary:", json.dumps(summary, indent=2))
     return 0

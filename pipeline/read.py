@@ -52,7 +52,7 @@ def read_groups(url: str, storage_options: dict | None = None, text_column: str 
     ``score`` (to the kept row; null for it) and, when the source has it, ``text``."""
     folder = OutputFolder(url, storage_options)
     if not folder.is_complete():
-        raise DatasetError(f"{url}: not a complete dedup output (no _SUCCESS)")
+        raise DatasetError(f"{url}: not a complete dedup output (no .embedpipe/SUCCESS)")
     plan = folder.plan() or {}
     if plan.get("job", "dedup") != "dedup" or plan.get("against"):
         raise DatasetError(f"{url}: holds a {plan.get('job')} output, not a dedup's groups")

@@ -65,7 +65,7 @@ class EncodeOptions:
     dtype: str = opt(
         "auto",
         "weights and compute dtype (auto: the checkpoint's own dtype; float32 weights run exact float32 on CPU "
-        "and bf16 autocast on GPU)",
+        "and bf16 autocast on GPU; bfloat16 on CPU: bf16 autocast, about 2x on CPUs with AMX)",
         ("auto", "float32", "float16", "bfloat16"),
     )
     allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
@@ -259,6 +259,7 @@ class DedupSpec(RuntimeOptions):
         None, "re-group the pairs/ of an earlier dedup output at a stricter threshold"
     )
     text_column: str = opt("text", "text column (raw corpus, and --keep longest)")
+    with_text: bool = opt(False, "duplicates.parquet also holds each removed row's text and its kept row's")
     id_column: str | None = opt(None, "id column of a raw corpus (default: 'id' when present, else file:row)")
     rows_per_shard: int = opt(10000, "rows per shard when embedding a raw corpus")
     block_size: int = opt(4096, "rows per scoring tile")
@@ -303,11 +304,18 @@ class MineSpec(RuntimeOptions):
         [],
         "(anchor, positive) pairs: Parquet / JSON Lines / Arrow files or globs (--from-candidates: theirs)",
     )
-    output: str | None = opt(None, "output URL (part-*.parquet, report.json, _SUCCESS)", required=True)
+    output: str | None = opt(
+        None, "output URL (part-*.parquet; .embedpipe/ holds the report and bookkeeping)", required=True
+    )
     corpus: list[str] = opt([], "extra corpus (files, or an embed output); default: the positives only")
     corpus_text_column: str = opt("text", "text column of a separate corpus")
-    anchor_column: str | None = opt(None, "anchor column (default: the first text column)")
-    positive_column: str | None = opt(None, "positive column (default: the second text column)")
+    anchor_column: str | None = opt(
+        None, "anchor column (default: anchor, query or question; else the first of exactly two text columns)"
+    )
+    positive_column: str | None = opt(
+        None,
+        "positive column (default: positive, answer, document or text; else the second of two text columns)",
+    )
     range_min: int = opt(0, "skip the first N candidates")
     range_max: int | None = opt(None, "consider at most N candidates (default as sentence-transformers)")
     max_score: float | None = opt(None, "drop candidates scoring above this")
@@ -344,9 +352,11 @@ class MineSpec(RuntimeOptions):
     exclude_duplicates: str | None = opt(
         None, "a dedup output: drop candidates in the same duplicate group as one of the anchor's positives"
     )
-    save_candidates: bool = opt(False, "keep every anchor's candidate window in candidates/ for re-filtering")
+    save_candidates: bool = opt(
+        False, "keep every anchor's candidate window in .embedpipe/candidates/ for re-filtering"
+    )
     from_candidates: str | None = opt(
-        None, "re-filter the candidates/ of an earlier --save-candidates output (no model, no encoding)"
+        None, "re-filter the saved candidates of an earlier --save-candidates output (no model, no encoding)"
     )
 
     def validate(self) -> None:

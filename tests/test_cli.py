@@ -324,7 +324,7 @@ def test_convert_takes_input_and_output_flags(tmp_path, capsys) -> None:
         pq.read_table(folder / "part-00000.parquet") for folder in (by_flags, by_position)
     )
     assert flags_table.equals(position_table) and flags_table.num_rows == 6
-    assert (by_flags / "_SUCCESS").exists()
+    assert (by_flags / ".embedpipe/SUCCESS").exists()
 
     help_text = subcommands()["convert"].format_help()
     assert "--input INPUT" in help_text and "--output OUTPUT" in help_text
@@ -477,11 +477,13 @@ def test_progress_off_logs_one_line_per_shard(ray_local, tiny_model_dir, tmp_pat
     assert [(int(m[2]), int(m[3])) for m in matches] == [(n, 4 * n) for n in range(1, 6)]
     assert re.fullmatch(
         rf"embed: done: 20 rows in 5 shards \(5 encoded now, 0 already committed\) in "
-        rf"\d+:\d\d:\d\d; {re.escape(str(output))} is complete \(_SUCCESS\)",
+        rf"\d+:\d\d:\d\d; {re.escape(str(output))} is complete \(.embedpipe/SUCCESS\)",
         lines[-1],
     )
 
-    output.joinpath("_SUCCESS").unlink()  # the same command again: every shard committed, none encoded
+    output.joinpath(
+        ".embedpipe/SUCCESS"
+    ).unlink()  # the same command again: every shard committed, none encoded
     assert main([*argv, "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "committed (" not in err and "(0 encoded now, 5 already committed)" in err
@@ -567,14 +569,14 @@ def test_cli_run_is_quiet_and_ctrl_c_says_how_to_resume(tmp_path) -> None:
         "it stopped."
     ), first
     assert "Traceback" not in first and out == ""
-    done_first = len(list((output / "_parts").glob("part-*.json")))
-    assert 1 <= done_first < 10 and not (output / "_SUCCESS").exists()
+    done_first = len(list((output / ".embedpipe/receipts").glob("part-*.json")))
+    assert 1 <= done_first < 10 and not (output / ".embedpipe/SUCCESS").exists()
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     summary = summary_from(again.stdout)
     assert summary["shards"] == {"total": 10, "done": 10 - done_first, "skipped": done_first, "retried": 0}
-    assert (output / "_SUCCESS").exists() and model_name_of(output) == "all-MiniLM-L6-v2"
+    assert (output / ".embedpipe/SUCCESS").exists() and model_name_of(output) == "all-MiniLM-L6-v2"
     for text in (first, again.stderr):
         assert "Token authentication" not in text and "RAY_AUTH_MODE" not in text, text
         assert "Loading weights" not in text and "it/s]" not in text, text

@@ -421,8 +421,8 @@ def test_parity_with_sentence_transformers(runs: Runs, name: str) -> None:
     assert report["rows_out"] == ours.num_rows
     assert report["anchors_out"] == len(set(ours.column(A).to_pylist()))
     assert report["parts"] == len(run.parts) > 1 and report["parts_written"] == report["parts"]
-    assert (run.output / "_SUCCESS").exists() and json.loads(
-        (run.output / "report.json").read_text()
+    assert (run.output / ".embedpipe/SUCCESS").exists() and json.loads(
+        (run.output / ".embedpipe/report.json").read_text()
     ) == report
     assert set(report["dropped"]) == set(RULES)
     for rule in ("absolute_margin", "relative_margin", "max_score", "min_score"):
@@ -707,7 +707,7 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.glob("part-*.parquet")}
     assert len(before) >= 3
     (copy / "part-00001.parquet").unlink()
-    (copy / "_parts" / "part-00001.json").unlink()
+    (copy / ".embedpipe/receipts" / "part-00001.json").unlink()
     spec = runs.spec("tiny", "man", copy, **RANDOM_7)
     report = run_mine(spec, log=quiet)
     assert report["parts_written"] == 1 and report["parts_resumed"] == len(before) - 1
@@ -722,7 +722,7 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
     assert {k: v for k, v in report.items() if k not in volatile} == {
         k: v for k, v in original.report.items() if k not in volatile
     }
-    assert (copy / "_SUCCESS").exists()
+    assert (copy / ".embedpipe/SUCCESS").exists()
 
     # Complete: a re-run commits nothing and does not even start Ray.
     from pipeline.runtime import cluster
@@ -750,7 +750,7 @@ def test_resume_recomputes_only_the_missing_part(runs: Runs, tmp_path: Path, mon
     replaced = run_mine(runs.spec("tiny", "man", copy, overwrite=True, **{**RANDOM_7, "seed": 8}), log=quiet)
     assert replaced["parts_resumed"] == 0 and replaced["parts_written"] == len(after)
     assert sorted(p.name for p in copy.glob("part-*.parquet")) == sorted(after)
-    assert (copy / "_SUCCESS").exists() and (copy / "notes.txt").read_text() == "not ours"
+    assert (copy / ".embedpipe/SUCCESS").exists() and (copy / "notes.txt").read_text() == "not ours"
 
 
 # --------------------------------------------------------------------------- training on the output

@@ -223,7 +223,7 @@ class Runs:
         """A max_positive_similarity threshold near the top of the saved windows' positive similarities,
         in a gap between them (so float32 noise cannot move a candidate across it)."""
         if self.threshold is None:
-            windows = table_of(self.run("corpus-saved", **CORPUS_SAVED)[0], "candidates")
+            windows = table_of(self.run("corpus-saved", **CORPUS_SAVED)[0], ".embedpipe/candidates")
             values = np.unique(
                 np.concatenate([np.asarray(v) for v in windows.column("positive_similarity").to_pylist()])
             )
@@ -410,7 +410,7 @@ def test_a_cross_encoder_without_a_score_rule_does_not_rescore(runs: Runs) -> No
     assert_same_output(runs.st("faq", **options), ours, encoded_cosine_error(runs.models["bi"]))
     assert report["cross_encoder"]["rescored"] is False and "rescoring" not in report
     # The saved window still has the cross-encoder's scores, for re-filtering with a score rule.
-    windows = table_of(output, "candidates")
+    windows = table_of(output, ".embedpipe/candidates")
     assert windows.column("cross_encoder_scores").null_count == 0
     assert len(windows.column("candidates")[0]) == 30 + 2
 
@@ -425,9 +425,9 @@ def test_resume_after_a_killed_rescoring_run_gives_the_same_bytes(runs: Runs, tm
     assert len([p for p in files if p.parent == Path(".")]) == 3
     # The run "died" after committing part 0 and 2 and part 1's scores, before part 1 itself.
     (copy / "part-00001.parquet").unlink()
-    (copy / "_parts" / "part-00001.json").unlink()
-    (copy / "_SUCCESS").unlink()
-    (copy / "report.json").unlink()
+    (copy / ".embedpipe/receipts" / "part-00001.json").unlink()
+    (copy / ".embedpipe/SUCCESS").unlink()
+    (copy / ".embedpipe/report.json").unlink()
     again = run_mine(runs.spec(copy, cross_encoder=str(runs.models["ce"]), **options), log=quiet)
     assert again["parts_written"] == 1 and again["parts_resumed"] == 2
     assert {p: (copy / p).read_bytes() for p in files} == before
@@ -435,14 +435,14 @@ def test_resume_after_a_killed_rescoring_run_gives_the_same_bytes(runs: Runs, tm
     assert {k: v for k, v in again.items() if k not in volatile} == {
         k: v for k, v in report.items() if k not in volatile
     }
-    assert (copy / "_SUCCESS").exists()
+    assert (copy / ".embedpipe/SUCCESS").exists()
 
 
 # --------------------------------------------------------------------------- the duplicate filters
 
 
 def _candidates(output: Path) -> pa.Table:
-    return table_of(output, "candidates")
+    return table_of(output, ".embedpipe/candidates")
 
 
 def _groups_by_text(dedup: Path) -> dict[str, int]:
@@ -485,7 +485,7 @@ def test_duplicate_filters_remove_exactly_the_oracles_candidates(runs: Runs) -> 
     # The oracle: the saved window, minus positives, minus candidates grouped with a positive, minus those
     # too close to a positive, then the top 3 by bi-encoder score.
     expected, dropped = {}, {"exclude_duplicates": 0, "max_positive_similarity": 0}
-    for row in table_of(base, "candidates").to_pylist():
+    for row in table_of(base, ".embedpipe/candidates").to_pylist():
         anchor = anchors[row["anchor"]]
         best = (vectors[row["candidates"]] @ vectors[[corpus.index(p) for p in positives[anchor]]].T).max(
             axis=1
@@ -561,7 +561,9 @@ def test_from_candidates_gives_a_full_runs_rows(runs: Runs, name: str) -> None:
     )
     assert table_of(refiltered).equals(table_of(full))
     assert report["dropped"] == full_report["dropped"] and report["from_candidates"] == str(source)
-    assert report["rows_out"] == full_report["rows_out"] and not (refiltered / "candidates").exists()
+    assert (
+        report["rows_out"] == full_report["rows_out"] and not (refiltered / ".embedpipe/candidates").exists()
+    )
 
 
 def test_from_candidates_with_rescoring_and_from_the_command_line(runs: Runs, tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
-"""Embedding datasets: parts, per-part receipts, plan, manifest and ``_SUCCESS``.
+"""Embedding datasets: parts, per-part receipts, plan, manifest and success marker.
 
-Layout under the output URL::
+Layout under the output URL (the parts are all a dataset reader sees; the rest is hidden)::
 
-    part-00000.parquet ...     one per shard: id, embedding, kept columns; key-value metadata "embedpipe"
-    _parts/part-00000.json     receipt committed after its part: rows, bytes, sha256, timings
-    _plan.json                 the shards and the options that produced them (resume checks it)
-    _manifest.json             every part, rows, bytes, checksums, timings, versions, summary
-    _SUCCESS                   last: every planned part is there and matches the manifest
+    part-00000.parquet ...              one per shard: id, embedding, kept columns; metadata "embedpipe"
+    .embedpipe/receipts/part-00000.json receipt committed after its part: rows, bytes, sha256, timings
+    .embedpipe/plan.json                the shards and the options that produced them (resume checks it)
+    .embedpipe/manifest.json            every part, rows, bytes, checksums, timings, versions, summary
+    .embedpipe/SUCCESS                  last: every planned part is there and matches the manifest
 
 Parts and receipts are committed atomically, so a part without a receipt is simply redone on resume.
 The lifecycle (claim, commit, finish) is `pipeline.io.output.OutputFolder`'s; this module knows what an
@@ -104,11 +104,12 @@ def write_embedding_part(
 
 
 def complete_manifest(folder: OutputFolder) -> dict:
-    """The manifest of a complete dataset (``_SUCCESS`` present), or a DatasetError saying it is not one."""
+    """The manifest of a complete dataset (success marker present), or a DatasetError saying it is not one."""
+    complete = folder.is_complete()
     manifest = folder.read_json(MANIFEST_FILE)
-    if manifest is None or not folder.is_complete():
+    if manifest is None or not complete:
         raise DatasetError(
-            f"{redact(folder.url)}: not a complete embedpipe dataset (no _SUCCESS / _manifest.json)"
+            f"{redact(folder.url)}: not a complete embedpipe dataset (no {SUCCESS_FILE} / {MANIFEST_FILE})"
         )
     return manifest
 

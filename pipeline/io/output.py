@@ -2,15 +2,18 @@
 
 Every job (embed, dedup, mine, reembed) has the same lifecycle, in the spirit of Ray Data's Datasink:
 
-1. **claim**: `_plan.json` records the job kind and a key over everything that decides the result. The
-   same key resumes; another key is refused (naming the job that made it), or with `--overwrite` the
-   job's own files are removed, `_SUCCESS` first.
+1. **claim**: `.embedpipe/plan.json` records the job kind and a key over everything that decides the
+   result. The same key resumes; another key is refused (naming the job that made it), or with
+   `--overwrite` the old job's files are removed, the success marker first.
 2. **commit parts**: a part is written under a temporary name and moved into place, then its receipt
-   (`_parts/<part>.json`: rows, bytes, sha256 and the job's own details) is committed. A part counts as
-   done only when its receipt is visible and the part has the recorded size, so a crash between the two
-   redoes the part, which identical input makes harmless.
-3. **finish**: every expected part is checked against its receipt, `_manifest.json` is written, then
-   `_SUCCESS`, always last. A re-run that finds the output incomplete removes `_SUCCESS` first.
+   (`.embedpipe/receipts/<part>.json`: rows, bytes, sha256 and the job's own details) is committed. A part
+   counts as done only when its receipt is visible and the part has the recorded size, so a crash between
+   the two redoes the part, which identical input makes harmless.
+3. **finish**: every expected part is checked against its receipt, `.embedpipe/manifest.json` is written,
+   then `.embedpipe/SUCCESS`, always last. A re-run that finds the output incomplete removes it first.
+
+All bookkeeping sits in the hidden `.embedpipe/` folder, so the visible files are the data alone and
+the usual dataset readers open an output folder as it is.
 
 Every storage call goes through `with_retries` (bounded, transient errors only), and reading a part
 back verifies its sha256 against the receipt or manifest, so jobs never touch fsspec themselves.
@@ -34,10 +37,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.io.storage import TEMP_PREFIX, commit_bytes, filesystem, redact, with_retries, write_json_atomic
 
-PLAN_FILE = "_plan.json"
-MANIFEST_FILE = "_manifest.json"
-SUCCESS_FILE = "_SUCCESS"
-RECEIPTS_DIR = "_parts"
+# A job's bookkeeping lives in one hidden folder, so the data files are all that dataset readers see:
+# HF datasets, pandas, pyarrow and Ray Data skip dot-named folders (Polars and DuckDB take a glob).
+BOOKKEEPING_DIR = ".embedpipe"
+PLAN_FILE = f"{BOOKKEEPING_DIR}/plan.json"
+MANIFEST_FILE = f"{BOOKKEEPING_DIR}/manifest.json"
+SUCCESS_FILE = f"{BOOKKEEPING_DIR}/SUCCESS"
+RECEIPTS_DIR = f"{BOOKKEEPING_DIR}/receipts"
+# Where embedpipe 0.1 kept them, at the top of the output: recognised, refused with a way out.
+LEGACY_FILES = ("_plan.json", "_manifest.json", "_SUCCESS", "_parts")
 METADATA_KEY = b"embedpipe"
 
 
@@ -58,7 +66,7 @@ def plan_fields(job: str, key: str, owned: Sequence[str] | Callable[[str], bool]
 
 def owner(owned: Sequence[str] | Callable[[str], bool], recorded: Sequence[str]) -> Callable[[str], bool]:
     """Whether a top-level name is ours or the old plan's: patterns (or a predicate) and recorded patterns."""
-    patterns = [*recorded, *([] if callable(owned) else owned)]
+    patterns = [BOOKKEEPING_DIR, *LEGACY_FILES, *recorded, *([] if callable(owned) else owned)]
 
     def owns(name: str) -> bool:
         return (callable(owned) and owned(name)) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -112,10 +120,17 @@ class Receipt:
         return cls(*(data[k] for k in core), details={k: v for k, v in data.items() if k not in core})
 
 
+def receipts_folder(folder: str) -> str:
+    """Where the receipts of the parts under ``folder`` live: ``kept`` -> ``.embedpipe/receipts/kept``
+    (and ``.embedpipe/scores`` -> ``.embedpipe/receipts/scores``)."""
+    inner = folder.removeprefix(BOOKKEEPING_DIR + "/") if folder != BOOKKEEPING_DIR else ""
+    return join(RECEIPTS_DIR, inner)
+
+
 def receipt_path(part: str) -> str:
-    """``kept/part-00001.parquet`` -> ``_parts/kept/part-00001.json``."""
-    stem, _ = posixpath.splitext(part)
-    return f"{RECEIPTS_DIR}/{stem}.json"
+    """``kept/part-00001.parquet`` -> ``.embedpipe/receipts/kept/part-00001.json``."""
+    folder, base = posixpath.split(part)
+    return join(receipts_folder(folder), posixpath.splitext(base)[0] + ".json")
 
 
 class OutputFolder:
@@ -241,7 +256,11 @@ class OutputFolder:
             ) from None
 
     def plan(self) -> dict | None:
-        return self.read_json(PLAN_FILE)
+        plan = self.read_json(PLAN_FILE)
+        if plan is None and self.exists(LEGACY_FILES[0]):
+            # An older layout: its plan is only good for naming the job (refusal, or --overwrite).
+            return {"job": (self.read_json(LEGACY_FILES[0]) or {}).get("job", "embedpipe"), "key": None}
+        return plan
 
     def claim(
         self,
@@ -264,6 +283,8 @@ class OutputFolder:
             kind = existing.get("job", job)
             if not overwrite:
                 made = "with other input or options" if kind == job else "by another job"
+                if existing.get("key") is None:
+                    made = f"by an earlier embedpipe ({LEGACY_FILES[0]} at the top)"
                 raise DatasetError(
                     f"{redact(self.url)}: holds a {kind} output made {made}; use --overwrite "
                     "or choose another --output"
@@ -278,13 +299,12 @@ class OutputFolder:
         return existing
 
     def clear(self, owned: Callable[[str], bool]) -> None:
-        """Remove what an earlier run wrote (top-level names ``owned`` accepts), ``_SUCCESS`` first, so the
-        output stops looking complete before anything else goes."""
-        names = self.list()
-        if SUCCESS_FILE in names and owned(SUCCESS_FILE):
-            self.remove(SUCCESS_FILE)
-        for name in sorted(names):
-            if name != SUCCESS_FILE and owned(name):
+        """Remove what an earlier run wrote (top-level names ``owned`` accepts), the success marker first,
+        so the output stops looking complete before anything else goes."""
+        for marker in (SUCCESS_FILE, "_SUCCESS"):
+            self.remove(marker)
+        for name in sorted(self.list()):
+            if owned(name):
                 self.remove(name)
 
     # -- parts and receipts -------------------------------------------------------------------------
@@ -305,7 +325,7 @@ class OutputFolder:
 
     def committed(self, folder: str = "") -> dict[int, Receipt]:
         """Receipts (by part number) of the parts under ``folder`` that are visible with the recorded size."""
-        receipts_dir = join(RECEIPTS_DIR, folder)
+        receipts_dir = receipts_folder(folder)
         entries = self.list(receipts_dir)
         if not entries:
             return {}
@@ -330,7 +350,15 @@ class OutputFolder:
     # -- finishing ---------------------------------------------------------------------------------
 
     def is_complete(self) -> bool:
-        return self.exists(SUCCESS_FILE)
+        if self.exists(SUCCESS_FILE):
+            return True
+        if self.exists(LEGACY_FILES[2]):
+            raise DatasetError(
+                f"{redact(self.url)}: made by an earlier embedpipe (_SUCCESS, _manifest.json, _plan.json and "
+                "_parts/ at the top); move them to .embedpipe/SUCCESS, manifest.json, plan.json and "
+                "receipts/, or re-run the job that made it with --overwrite"
+            )
+        return False
 
     def mark_incomplete(self) -> None:
         """A re-run is about to change the output: it stops looking complete first."""
@@ -341,7 +369,7 @@ class OutputFolder:
         self, manifest: dict, parts: Sequence[Receipt] = (), expected: dict[str, Sequence[int]] | None = None
     ) -> dict:
         """Check the expected parts (folder -> part numbers) against their receipts, then write
-        ``_manifest.json`` (listing ``parts`` and the checked ones) and ``_SUCCESS`` last."""
+        the manifest (listing ``parts`` and the checked ones) and the success marker last."""
         listed = list(parts)
         for folder, numbers in (expected or {}).items():
             receipts = self.committed(folder)

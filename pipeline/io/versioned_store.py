@@ -65,7 +65,7 @@ class Store(OutputFolder):
         return "/".join([self.url, *names])
 
     def remove(self, *names: str) -> None:  # type: ignore[override]
-        """Remove a file or folder; a version loses its _SUCCESS first, so a half-removed one reads as
+        """Remove a file or folder; a version loses its success marker first, so a half-removed one reads as
         incomplete rather than as a dataset with missing parts."""
         name = "/".join(names)
         if self.exists(f"{name}/{SUCCESS_FILE}"):
@@ -73,7 +73,7 @@ class Store(OutputFolder):
         super().remove(name)
 
     def versions(self) -> dict[str, bool]:
-        """Every version folder in the store -> whether it is complete (has _SUCCESS)."""
+        """Every version folder in the store -> whether it is complete (has its success marker)."""
         found = {
             name: self.exists(f"{name}/{SUCCESS_FILE}")
             for name in self.list()
@@ -102,6 +102,7 @@ class Store(OutputFolder):
                 f"{self.url_of(LATEST_FILE)}: does not name a version like v00001 ({text[:80]!r})"
             )
         if not self.exists(f"{name}/{SUCCESS_FILE}"):
+            self.child(name).is_complete()  # an earlier embedpipe's layout is named as such
             raise StoreError(
                 f"{self.url_of(LATEST_FILE)}: names {name}, which is not a complete version "
                 f"(no {self.url_of(name, SUCCESS_FILE)})"

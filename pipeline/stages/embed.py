@@ -4,7 +4,7 @@ The embed job is this stage alone; dedup (a raw corpus) and reembed (the changed
 
 Order of events: validate inputs and model on the driver; refuse an output made with other options;
 store the plan; skip shards whose receipts are committed; run the rest on the actors; check every part
-against its receipt; write the manifest and ``_SUCCESS`` last.
+against its receipt; write the manifest and ``.embedpipe/SUCCESS`` last.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pipeline.io import corpus
 from pipeline.io.corpus import CorpusError, Shard
 from pipeline.io.dataset import calibrate_int8, quantize, write_embedding_part
 from pipeline.io.output import (
-    MANIFEST_FILE,
+    BOOKKEEPING_DIR,
     PLAN_FILE,
-    RECEIPTS_DIR,
-    SUCCESS_FILE,
     DatasetError,
     OutputFolder,
     plan_fields,
@@ -235,8 +233,8 @@ def usable_name(value) -> str | None:
     return value
 
 
-# What an embed output owns (parts, receipts, plan, manifest, _SUCCESS): an --overwrite removes these.
-EMBED_FILES = (SUCCESS_FILE, MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR, "part-*.parquet")
+# What an embed output owns (its parts and the hidden bookkeeping folder): an --overwrite removes these.
+EMBED_FILES = (BOOKKEEPING_DIR, "part-*.parquet")
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -385,10 +383,10 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     }
     output.finish(manifest, expected={"": [s.shard_id for s in shards]})
     if not output.is_complete():
-        raise StorageError(f"{redact(output.url)}: _SUCCESS was not written")
+        raise StorageError(f"{redact(output.url)}: .embedpipe/SUCCESS was not written")
     log(
         f"embed: done: {summary['rows']} rows in {len(shards)} shards ({len(todo)} encoded now, {len(done)} "
-        f"already committed) in {clock(seconds)}; {redact(output.url)} is complete (_SUCCESS)"
+        f"already committed) in {clock(seconds)}; {redact(output.url)} is complete (.embedpipe/SUCCESS)"
     )
     return summary
 

@@ -9,11 +9,11 @@ order, so triplet -> labeled-pair -> triplet gives the original back. The row lo
 ``pipeline.io.training_formats.to_labeled_pair`` / ``to_triplet``; this module adds files and commits.
 
 Input: one Parquet file, or a folder of parts (``part-*.parquet``, else every ``*.parquet``; a folder
-with ``_plan.json`` is an embedpipe output and must be complete, i.e. hold ``_SUCCESS``). The anchor
+with ``.embedpipe/`` is an embedpipe output and must be complete, i.e. hold ``.embedpipe/SUCCESS``). The anchor
 column defaults to the first column, the positive column to the second, as the mining formats lay them out.
 Every part's schema is checked before anything is written, so bad input commits nothing.
 
-Output: ``part-00000.parquet ...`` and ``_SUCCESS`` last, each committed atomically (temporary name,
+Output: ``part-00000.parquet ...`` and ``.embedpipe/SUCCESS`` last, each committed atomically (temporary name,
 then rename). When every anchor's rows sit in a single input part (as in a mine output, one part per
 block of anchors), parts are converted one at a time and memory holds one part; otherwise the whole input
 is converted at once, since the conversions group rows by anchor over the whole table.
@@ -28,7 +28,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.io.output import PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, OutputFolder, part_name, receipt_path
+from pipeline.io.output import BOOKKEEPING_DIR, SUCCESS_FILE, OutputFolder, part_name, receipt_path
 from pipeline.io.storage import TEMP_PREFIX, parse_storage_options, redact
 from pipeline.io.training_formats import to_labeled_pair, to_triplet
 from pipeline.spec import ConvertSpec
@@ -50,7 +50,7 @@ def input_files(url: str, storage_options: dict) -> tuple[OutputFolder, list[str
     if not folder.is_folder():
         return OutputFolder(posixpath.dirname(url.rstrip("/")) or ".", storage_options), [_base(url)]
     bases = set(folder.list())
-    if PLAN_FILE in bases and SUCCESS_FILE not in bases:
+    if (BOOKKEEPING_DIR in bases or "_plan.json" in bases) and not folder.is_complete():
         raise ConvertError(
             f"{url}: an incomplete embedpipe output (no {SUCCESS_FILE}); finish or re-run the job first"
         )
@@ -109,7 +109,7 @@ def prepare_output(output: OutputFolder, source: OutputFolder, inputs: list[str]
     if not output.is_folder():
         raise ConvertError(f"{output.url}: exists and is not a folder")
     names = list(output.list())
-    if SUCCESS_FILE in names:
+    if output.is_complete():
         raise ConvertError(
             f"{output.url}: already holds a complete output; remove it or choose another output"
         )
@@ -118,7 +118,7 @@ def prepare_output(output: OutputFolder, source: OutputFolder, inputs: list[str]
         for n in names
         if not (n.startswith("part-") and n.endswith(".parquet"))
         and not n.startswith(TEMP_PREFIX)
-        and n != RECEIPTS_DIR
+        and n != BOOKKEEPING_DIR
     ]
     if others:
         raise ConvertError(

@@ -9,8 +9,8 @@ the same bytes in every part).
 Driver faults: `embedpipe embed` runs as a subprocess joining the cluster and is SIGKILLed at points
 found by watching the output (S3, through a FaultProxy that only delays, to hold the driver in the
 windows that are otherwise milliseconds wide): right after start (before planning); mid-shard, with a
-part committed and its receipt not; with every receipt committed and no `_manifest.json`; with the
-manifest and no `_SUCCESS`. After each kill `_SUCCESS` is absent and every visible part is whole; the next
+part committed and its receipt not; with every receipt committed and no `.embedpipe/manifest.json`; with the
+manifest and no `.embedpipe/SUCCESS`. After each kill `.embedpipe/SUCCESS` is absent and every visible part is whole; the next
 run finishes, and its output is byte-identical to the clean run's and checks out against its manifest.
 The checker itself (tests/support/outputcheck.py) is shown to catch a tampered part.
 """
@@ -186,7 +186,7 @@ def test_killing_encoder_actors_every_few_seconds(
         s3_server.endpoint,
         delay_rate=1.0,
         delay_s=RECEIPT_DELAY_S,
-        fault_filter=lambda method, path, _h: method == "PUT" and "/_parts/" in path,
+        fault_filter=lambda method, path, _h: method == "PUT" and "/.embedpipe/receipts/" in path,
     ) as proxy:
         thread = threading.Thread(target=job, args=(proxy.endpoint,), daemon=True)
         thread.start()
@@ -292,7 +292,11 @@ class Watch:
         return {n[: -len(".parquet")] for n in names if n.startswith("part-")}
 
     def receipts(self, names: set[str]) -> set[str]:
-        return {n[len("_parts/") : -len(".json")] for n in names if n.startswith("_parts/part-")}
+        return {
+            n[len(".embedpipe/receipts/") : -len(".json")]
+            for n in names
+            if n.startswith(".embedpipe/receipts/part-")
+        }
 
 
 def kill_when(proc: subprocess.Popen, log: Path, ready, timeout: float = 120) -> set[str]:
@@ -326,7 +330,7 @@ def test_killing_the_driver_at_each_stage(
 
     def observe_killed(stage: str) -> None:
         names = watch.names()
-        assert "_SUCCESS" not in names, f"_SUCCESS after a kill {stage}"
+        assert ".embedpipe/SUCCESS" not in names, f".embedpipe/SUCCESS after a kill {stage}"
         assert check_output(root, fs) == []  # every visible part is whole
         for part in watch.parts(names):  # and holds exactly its shard's rows
             table = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{part}.parquet")))
@@ -340,12 +344,14 @@ def test_killing_the_driver_at_each_stage(
     def ready_all_receipts():
         names = watch.names()
         return (
-            names if len(watch.receipts(names)) == DRIVER_SHARDS and "_manifest.json" not in names else None
+            names
+            if len(watch.receipts(names)) == DRIVER_SHARDS and ".embedpipe/manifest.json" not in names
+            else None
         )
 
     def ready_manifest():
         names = watch.names()
-        return names if "_manifest.json" in names and "_SUCCESS" not in names else None
+        return names if ".embedpipe/manifest.json" in names and ".embedpipe/SUCCESS" not in names else None
 
     def hold(word: str, seconds: float):
         """Delay every request whose path holds `word`, so the driver sits in the window before it."""
@@ -354,9 +360,9 @@ def test_killing_the_driver_at_each_stage(
     # stage -> (proxy settings, when to kill: None = after a fixed moment)
     stages = [
         ("right after start", {}, None),
-        ("a part committed, its receipt not", hold("/_parts/", 3.0), ready_part_without_receipt),
-        ("every receipt, no manifest", hold("_manifest.json", 20.0), ready_all_receipts),
-        ("the manifest, no _SUCCESS", hold("_SUCCESS", 20.0), ready_manifest),
+        ("a part committed, its receipt not", hold("/.embedpipe/receipts/", 3.0), ready_part_without_receipt),
+        ("every receipt, no manifest", hold(".embedpipe/manifest.json", 20.0), ready_all_receipts),
+        ("the manifest, no .embedpipe/SUCCESS", hold(".embedpipe/SUCCESS", 20.0), ready_manifest),
     ]
     figures = []
     with FaultProxy(s3_server.endpoint) as proxy:
@@ -395,7 +401,7 @@ def test_killing_the_driver_at_each_stage(
         assert final.returncode == 0, final.stderr[-3000:]
     summary = json.loads(final.stdout[final.stdout.index("{") :])
     assert summary["rows"] == DRIVER_ROWS and summary["shards"]["total"] == DRIVER_SHARDS
-    assert "_SUCCESS" in watch.names()
+    assert ".embedpipe/SUCCESS" in watch.names()
     assert_same_as_clean(clean, fs, root, DRIVER_SHARDS)
     table = read_dataset(f"s3://{root}", s3_server.storage_options)
     assert table.column("id").to_pylist() == list(range(DRIVER_ROWS))

@@ -185,8 +185,8 @@ PATH_IDS = [
     "a/../../b",
     "~/.ssh/id_rsa",
     "part-00000.parquet",
-    "_SUCCESS",
-    "_manifest.json",
+    ".embedpipe/SUCCESS",
+    ".embedpipe/manifest.json",
     "file:///etc/shadow",
     "s3://other/bucket",
     "",
@@ -374,7 +374,7 @@ def test_hostile_input_is_embedded(
     summary = json.loads(out[out.index("{") :])
     skipped = sum(c.skipped for c in GROUPS[flags])
     assert summary["rows"] == len(expected) and summary["skipped_rows"] == skipped
-    assert (output / "_SUCCESS").exists() and check_output(str(output)) == []
+    assert (output / ".embedpipe/SUCCESS").exists() and check_output(str(output)) == []
 
     table = read_dataset(str(output))
     got = list(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))

@@ -58,9 +58,11 @@ PAIRS, ANCHORS_PER_BLOCK, TEXTS_PER_TASK = 120, 12, 6  # 10 output parts; 20 + 1
 MINE_PARTS = -(-PAIRS // ANCHORS_PER_BLOCK)
 PART_PUT_DELAY_S = 0.05  # each PUT of a part (its temporary upload and its copy into place)
 RECEIPT_PUT_DELAY_S = 0.5  # partitioned mode: holds the driver between the two owners' parts
-# Where dedup commits one part per pairs step (query part, or cluster owner): pairs/, or _search/ when
+# Where dedup commits one part per pairs step (query part, or cluster owner): pairs/, or .embedpipe/search/ when
 # pairs/ holds only the final spanning forest.
-STEP_DIRS = ("pairs/", "_search/")
+STEP_DIRS = ("pairs/", ".embedpipe/search/")
+# Their receipts: .embedpipe/receipts/pairs/, .embedpipe/receipts/search/.
+STEP_RECEIPTS = tuple(".embedpipe/receipts/" + d.removeprefix(".embedpipe/") for d in STEP_DIRS)
 WORDS = str.split(
     "index actor encoder shard worker node cluster query positive negative anchor corpus pairs kept "
     "duplicate near exact score cosine vector slice owner part receipt manifest commit retry replace lost"
@@ -169,7 +171,7 @@ def digests(files: dict[str, bytes]) -> dict[str, str]:
     return {
         name: hashlib.sha256(data).hexdigest()
         for name, data in sorted(files.items())
-        if name not in ("report.json", "report.html")
+        if name not in ("report.json", "report.html", ".embedpipe/report.json")
     }
 
 
@@ -324,9 +326,9 @@ def test_dedup_survives_a_lost_index_actor(
     prefix = f"dedup-{mode}"
 
     def committed_steps() -> int:
-        """Step parts committed (receipt visible): under pairs/, or under _search/ where pairs/ is only the
+        """Step parts committed (receipt visible): under pairs/, or under .embedpipe/search/ where pairs/ is only the
         final forest."""
-        return sum(1 for n in bucket.names(prefix) if n.startswith(tuple(f"_parts/{d}" for d in STEP_DIRS)))
+        return sum(1 for n in bucket.names(prefix) if n.startswith(STEP_RECEIPTS))
 
     def too_late() -> str | None:
         done = committed_steps()
@@ -335,7 +337,11 @@ def test_dedup_survives_a_lost_index_actor(
     if mode == "exact":
         # Each step part's upload and copy are held: 12 steps last >= 12 * 2 * PART_PUT_DELAY_S seconds.
         def held(method: str, path: str, _headers) -> bool:
-            return method == "PUT" and any(f"/{d}" in path for d in STEP_DIRS) and "/_parts/" not in path
+            return (
+                method == "PUT"
+                and any(f"/{d}" in path for d in STEP_DIRS)
+                and "/.embedpipe/receipts/" not in path
+            )
 
         proxy = {"delay_rate": 1.0, "delay_s": PART_PUT_DELAY_S, "fault_filter": held}
         rng = random.Random(11)
@@ -349,7 +355,7 @@ def test_dedup_survives_a_lost_index_actor(
         # Two owners: once the first owner's part is visible its receipt is still held, so the second owner's
         # pairs are not computed yet. Both actors die; the second owner's work must be redone.
         def held(method: str, path: str, _headers) -> bool:
-            return method == "PUT" and any(f"/_parts/{d}" in path for d in STEP_DIRS)
+            return method == "PUT" and any(f"/{r}" in path for r in STEP_RECEIPTS)
 
         proxy = {"delay_rate": 1.0, "delay_s": RECEIPT_PUT_DELAY_S, "fault_filter": held}
 
@@ -384,7 +390,7 @@ def test_dedup_survives_a_lost_index_actor(
         **run,
     )
     assert report["actors_replaced"] >= len(kill.pids)
-    assert "_SUCCESS" in got and any(n.startswith("kept/") for n in got)
+    assert ".embedpipe/SUCCESS" in got and any(n.startswith("kept/") for n in got)
     # kept/, pairs/, duplicates.parquet, receipts, manifest: byte for byte
     assert digests(got) == digests(want)
     ignored = ("timings", "actors_replaced", "output")
@@ -448,7 +454,7 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
         return "encoding was over: index actors are up" if live_pids("IndexShardActor") else None
 
     def committed() -> int:
-        return sum(1 for n in bucket.names(prefix) if n.startswith("_parts/part-"))
+        return sum(1 for n in bucket.names(prefix) if n.startswith(".embedpipe/receipts/part-"))
 
     rng = random.Random(13)
 
@@ -462,7 +468,12 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
 
     def held(method: str, path: str, _headers) -> bool:  # a part's upload and its copy into place
         name = urlsplit(path).path.rsplit("/", 1)[-1]
-        return method == "PUT" and "part-" in name and name.endswith(".parquet") and "/_parts/" not in path
+        return (
+            method == "PUT"
+            and "part-" in name
+            and name.endswith(".parquet")
+            and "/.embedpipe/receipts/" not in path
+        )
 
     kills = [
         Kill("an encoder actor inside an encoding call", encoder_in_a_task, encoding_over, poll_s=0.001),
@@ -491,10 +502,10 @@ def test_mine_survives_a_lost_encoder_actor_then_a_lost_index_actor(
     )
     assert report.get("actors_replaced", 0) >= len(kills)
     want = local_files(clean_out)
-    assert "_SUCCESS" in got and sum(n.startswith("part-") for n in got) == MINE_PARTS
+    assert ".embedpipe/SUCCESS" in got and sum(n.startswith("part-") for n in got) == MINE_PARTS
     assert digests(got) == digests(want)  # every part, receipt and the manifest, byte for byte
     ignored = ("timings", "workers", "actors_replaced", "output")
     assert without(report, *ignored) == without(clean, *ignored)
-    assert without(json.loads(got["report.json"]), *ignored) == without(
-        json.loads(want["report.json"]), *ignored
+    assert without(json.loads(got[".embedpipe/report.json"]), *ignored) == without(
+        json.loads(want[".embedpipe/report.json"]), *ignored
     )

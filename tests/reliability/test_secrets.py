@@ -169,8 +169,8 @@ def test_no_secret_anywhere(
     fs.invalidate_cache()
     blobs: dict[str, bytes] = {f"s3://{name}": fs.cat_file(name) for name in fs.find(bucket)}
     names = {n.rsplit("/", 1)[-1] for n in blobs}
-    assert {"_plan.json", "_manifest.json", "report.json", "_SUCCESS"} <= names
-    plan = json.loads(blobs[url("emb", "_plan.json")])
+    assert {"plan.json", "manifest.json", "report.json", "SUCCESS"} <= names
+    plan = json.loads(blobs[url("emb", ".embedpipe/plan.json")])
     assert plan["storage_options"]["secret"] == plan["storage_options"]["key"] == "***"
     blobs["captured stdout/stderr"] = "\n".join(captured).encode()
     blobs["python log records"] = caplog.text.encode()

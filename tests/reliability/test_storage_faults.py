@@ -43,7 +43,7 @@ TEN_PERCENT = {"error_rate": 0.05, "reset_rate": 0.03, "delay_rate": 0.025, "del
 TRANSIENT_TEXT = "SlowDown|reduce your request rate|internal error|Service Unavailable"
 NO_BOTOCORE_RETRIES = "config_kwargs.retries.total_max_attempts=1"
 # A run's report (JSON, and dedup's HTML rendering of it) holds its timings: compared apart from those.
-REPORTS = ("report.json", "report.html")
+REPORTS = ("report.json", "report.html", ".embedpipe/report.json")
 WORDS = str.split(
     "alpha beta gamma delta storage fault proxy retry commit shard part manifest slow down reset "
     "bucket object moto server embed dedup mine negative anchor positive query document"
@@ -236,7 +236,7 @@ def test_embed_through_ten_percent_faults(ray_local, tiny_model_dir, store: Stor
     part_names = sorted(n for n in clean if n.startswith("part-"))
     assert len(part_names) == 5
     assert {n: faulty[n] for n in part_names} == {n: clean[n] for n in part_names}  # byte for byte
-    assert json.loads(faulty["_manifest.json"])["parts"] and "_SUCCESS" in faulty
+    assert json.loads(faulty[".embedpipe/manifest.json"])["parts"] and ".embedpipe/SUCCESS" in faulty
     table = read_dataset(store.url("faulty/embed"), store.server.storage_options)
     assert sorted(table.column("id").to_pylist()) == list(range(100))  # every row exactly once
 
@@ -252,7 +252,7 @@ def test_dedup_through_ten_percent_faults(ray_local, store: Store, clean_embed: 
     assert figures["faults"] >= 3
     assert without(faulty, "timings", "output") == without(clean, "timings", "output")
     got, want = store.objects("faulty/dedup"), store.objects("clean/dedup")
-    assert "_SUCCESS" in got
+    assert ".embedpipe/SUCCESS" in got
     assert digests(got, skip=REPORTS) == digests(want, skip=REPORTS)
 
 
@@ -268,7 +268,7 @@ def test_mine_through_ten_percent_faults(ray_local, tiny_model_dir, store: Store
     assert clean["rows_out"] > 0
     assert without(faulty, "timings", "output") == without(clean, "timings", "output")
     got, want = store.objects("faulty/mine"), store.objects("clean/mine")
-    assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+    assert ".embedpipe/SUCCESS" in got and any(n.startswith("part-") for n in got)
     assert digests(got, skip=REPORTS) == digests(want, skip=REPORTS)
 
 
@@ -315,7 +315,7 @@ def test_embed_without_client_retries_through_ten_percent_faults(
     assert check_output(f"{store.name}/noretry/embed", store.fs) == []
     got, want = store.objects("noretry/embed"), store.objects(clean_embed)
     part_names = sorted(n for n in want if n.startswith("part-"))
-    assert len(part_names) == 5 and "_SUCCESS" in got
+    assert len(part_names) == 5 and ".embedpipe/SUCCESS" in got
     assert {n: got[n] for n in part_names} == {n: want[n] for n in part_names}  # byte for byte
     identical(figures)
 
@@ -334,7 +334,7 @@ def test_dedup_without_client_retries_through_ten_percent_faults(
     )
     assert without(report, "timings", "output") == without(clean, "timings", "output")
     got, want = store.objects(output), store.objects(clean_output)
-    assert "_SUCCESS" in got and any(n.startswith("kept/") for n in got)
+    assert ".embedpipe/SUCCESS" in got and any(n.startswith("kept/") for n in got)
     assert digests(got, skip=REPORTS) == digests(want, skip=REPORTS)
     identical(figures)
 
@@ -352,7 +352,7 @@ def test_mine_without_client_retries_through_ten_percent_faults(
     )
     assert without(report, "timings", "output") == without(clean_mine, "timings", "output")
     got, want = store.objects("noretry/mine"), store.objects("clean/mine")
-    assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+    assert ".embedpipe/SUCCESS" in got and any(n.startswith("part-") for n in got)
     assert digests(got, skip=REPORTS) == digests(want, skip=REPORTS)
     identical(figures)
 
@@ -419,9 +419,11 @@ def test_reembed_without_client_retries_through_ten_percent_faults(
         same_summary(summary, want)
         version = f"v{number:05d}"
         got, expected = store.objects(f"noretry/reembed/{version}"), store.objects(f"clean/reembed/{version}")
-        assert "_SUCCESS" in got and any(n.startswith("part-") for n in got)
+        assert ".embedpipe/SUCCESS" in got and any(n.startswith("part-") for n in got)
         # Parts and receipts byte for byte; the manifest holds the run's summary (timings, the store's URL).
-        assert digests(got, skip=("_manifest.json",)) == digests(expected, skip=("_manifest.json",))
+        assert digests(got, skip=(".embedpipe/manifest.json",)) == digests(
+            expected, skip=(".embedpipe/manifest.json",)
+        )
         names = {n.split("/", 1)[0] for n in store.objects("noretry/reembed")}
         assert "_LOCK" not in names and "_staging" not in names
         assert json.loads(store.objects("noretry/reembed")["_LATEST"])["version"] == version
@@ -483,7 +485,7 @@ def test_part_commits_failing_end_the_embed_with_no_part_visible(
 ) -> None:
     """Reads work, every write of a part or receipt fails: each shard is tried max_attempts times (each
     try retrying the commit with back-off), the job fails naming the shard, and no part, receipt or
-    _SUCCESS is visible. The plan alone is there, so a later run resumes."""
+    .embedpipe/SUCCESS is visible. The plan alone is there, so a later run resumes."""
 
     def part_writes(method: str, path: str, headers: Any) -> bool:
         return method in ("PUT", "POST") and "part-" in path
@@ -507,5 +509,7 @@ def test_part_commits_failing_end_the_embed_with_no_part_visible(
     assert "failed after 5 attempts" in message and "0 of 1 shards are committed" in message
     assert figures["slowdown"] + figures["internal"] >= 2 * 5  # 2 shard attempts x 5 commit attempts
     written = store.objects("outage/parts")
-    assert set(written) <= {"_plan.json"} | {n for n in written if n.rsplit("/", 1)[-1].startswith("_tmp.")}
+    assert set(written) <= {".embedpipe/plan.json"} | {
+        n for n in written if n.rsplit("/", 1)[-1].startswith("_tmp.")
+    }
     assert check_output(f"{store.name}/outage/parts", store.fs) == []

@@ -1,7 +1,7 @@
-"""An independent checker for committed embed outputs: does `_SUCCESS` tell the truth?
+"""An independent checker for committed embed outputs: does `.embedpipe/SUCCESS` tell the truth?
 
 Written from the data contract (DESIGN.md), not from pipeline.io.dataset, so a bug there cannot hide
-itself: when `_SUCCESS` is present, `_manifest.json` must list every planned part, each part must exist
+itself: when `.embedpipe/SUCCESS` is present, `.embedpipe/manifest.json` must list every planned part, each part must exist
 with the recorded size and sha256 and hold the recorded number of rows, and no other part may be visible.
 Works on any fsspec filesystem (local paths, or s3fs with a bucket/prefix path).
 """
@@ -31,7 +31,7 @@ def visible_parts(fs: Any, root: str) -> list[str]:
 
 
 def check_output(root: str, fs: Any = None) -> list[str]:
-    """Problems with a committed output (empty list: it checks out). An output without `_SUCCESS` is
+    """Problems with a committed output (empty list: it checks out). An output without `.embedpipe/SUCCESS` is
     not committed, so it only has to have whole parts (each a readable Parquet file)."""
     if fs is None:
         fs, root = _local(root)
@@ -40,7 +40,7 @@ def check_output(root: str, fs: Any = None) -> list[str]:
         fs.invalidate_cache()
     problems: list[str] = []
     parts = visible_parts(fs, root)
-    if not fs.exists(f"{root}/_SUCCESS"):
+    if not fs.exists(f"{root}/.embedpipe/SUCCESS"):
         for name in parts:  # not committed: every visible part must still be whole
             try:
                 pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{name}")))
@@ -48,10 +48,10 @@ def check_output(root: str, fs: Any = None) -> list[str]:
                 problems.append(f"{name}: visible but unreadable ({type(exc).__name__}: {exc})")
         return problems
     try:
-        manifest = json.loads(fs.cat_file(f"{root}/_manifest.json"))
-        plan = json.loads(fs.cat_file(f"{root}/_plan.json"))
+        manifest = json.loads(fs.cat_file(f"{root}/.embedpipe/manifest.json"))
+        plan = json.loads(fs.cat_file(f"{root}/.embedpipe/plan.json"))
     except FileNotFoundError as exc:
-        return [f"_SUCCESS without {exc}"]
+        return [f".embedpipe/SUCCESS without {exc}"]
     listed = [p["part"] for p in manifest.get("parts", [])]
     planned = [f"part-{s['shard_id']:05d}.parquet" for s in plan["shards"]]
     if listed != planned:

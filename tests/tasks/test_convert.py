@@ -3,7 +3,7 @@
 The main input is a real mine output (the tiny random model on synthetic pairs, one local Ray cluster
 for the module), several parts, anchors with up to three positives. Conversions must round-trip
 (triplet -> labeled-pair -> triplet is the identity), match ``training_formats.to_labeled_pair`` /
-``to_triplet`` on the whole table, commit part files and ``_SUCCESS`` to local disk or S3, and refuse
+``to_triplet`` on the whole table, commit part files and ``.embedpipe/SUCCESS`` to local disk or S3, and refuse
 bad input with exit code 2 before writing anything.
 """
 
@@ -81,7 +81,7 @@ def mined(ray_cluster, tiny_model_dir: Path, tmp_path_factory) -> Path:
 
 def read_folder(root: Path) -> pa.Table:
     parts = sorted(root.glob("part-*.parquet"))
-    assert parts and (root / "_SUCCESS").exists()
+    assert parts and (root / ".embedpipe/SUCCESS").exists()
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
@@ -207,9 +207,7 @@ def test_writes_to_s3_with_storage_options(mined: Path, s3_bucket, capsys) -> No
     assert code == 0 and summary["parts"] == 3
     names = sorted(n.rsplit("/", 1)[-1] for n in s3_bucket.fs.ls(f"{s3_bucket.name}/training/pairs"))
     assert names == [
-        "_SUCCESS",
-        "_manifest.json",
-        "_parts",
+        ".embedpipe",
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",
@@ -237,11 +235,12 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
     )
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
-    for name in ("part-00000.parquet", "_plan.json"):
+    (incomplete / ".embedpipe").mkdir()
+    for name in ("part-00000.parquet", ".embedpipe/plan.json"):
         (incomplete / name).write_bytes((mined / name).read_bytes())
     complete = tmp_path / "complete"
-    complete.mkdir()
-    (complete / "_SUCCESS").write_bytes(b"")
+    (complete / ".embedpipe").mkdir(parents=True)
+    (complete / ".embedpipe/SUCCESS").write_bytes(b"")
     cases = [
         (
             ["--to", "labeled-pair", pairs],
@@ -258,7 +257,7 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
         ),
         (["--to", "triplet", bad_labels], "labels must be 0 or 1, found [2]"),
         (["--to", "labeled-pair", str(tmp_path / "missing.parquet")], "missing.parquet: not found"),
-        (["--to", "labeled-pair", str(incomplete)], "an incomplete embedpipe output (no _SUCCESS)"),
+        (["--to", "labeled-pair", str(incomplete)], "an incomplete embedpipe output (no .embedpipe/SUCCESS)"),
     ]
     for number, (args, message) in enumerate(cases):
         output = tmp_path / f"out-{number}"
@@ -269,7 +268,10 @@ def test_bad_input_fails_with_exit_code_2_and_writes_nothing(mined: Path, tmp_pa
     # An output that already holds a complete result is not touched.
     code, _, err = convert(capsys, "--to", "labeled-pair", str(mined), str(complete))
     assert code == 2 and "already holds a complete output" in err
-    assert sorted(p.name for p in complete.iterdir()) == ["_SUCCESS"]
+    assert sorted(str(p.relative_to(complete)) for p in complete.rglob("*")) == [
+        ".embedpipe",
+        ".embedpipe/SUCCESS",
+    ]
     # Usage errors (a missing or bad --to, no output): exit code 2, from argparse or from the spec's check.
     for args in (
         ["convert", str(mined), str(tmp_path / "x")],

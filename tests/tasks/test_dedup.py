@@ -1,7 +1,7 @@
 """The dedup job end to end, on a real local Ray cluster, against an oracle written here in numpy.
 
 Most tests build embed-format datasets directly (parts with the ``embedpipe`` metadata, receipts, manifest,
-``_SUCCESS``) so the vectors are known: random unit vectors with planted duplicate groups (exact copies,
+``.embedpipe/SUCCESS``) so the vectors are known: random unit vectors with planted duplicate groups (exact copies,
 small perturbations, a copy plus a perturbation, chains where a~b and b~c but not a~c). The oracle scores
 every pair in float64 from the definitions, groups them by BFS, and applies the keep policies itself.
 
@@ -174,7 +174,7 @@ def write_dataset(
     storage_options: dict | None = None,
     metadata: dict | None = None,
 ) -> dict:
-    """An embed output exactly as the embed job lays it out (parts, receipts, manifest, _SUCCESS)."""
+    """An embed output exactly as the embed job lays it out (parts, receipts, manifest, .embedpipe/SUCCESS)."""
     meta = {
         "model": "synthetic",
         "model_name": "synthetic",
@@ -227,7 +227,7 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
 
 
 def assert_nothing_committed(out: Path) -> None:
-    for name in ("_SUCCESS", "kept", "duplicates.parquet", "report.json", "pairs"):
+    for name in (".embedpipe/SUCCESS", "kept", "duplicates.parquet", "report.json", "pairs"):
         assert not (out / name).exists(), f"{name} was committed by a run that failed"
 
 
@@ -269,7 +269,7 @@ def check_output(
     embedding column)."""
     want = oracle(vectors, fn, threshold, keep, texts, margin)
     so = storage_options
-    assert exists(f"{out}/_SUCCESS", so)
+    assert exists(f"{out}/.embedpipe/SUCCESS", so)
 
     # duplicates.parquet: every removed row once, its group and kept row, its score to the kept row
     dup = read_file(f"{out}/duplicates.parquet", so)
@@ -554,7 +554,7 @@ def test_from_pairs_at_stricter_threshold_equals_fresh_run(cosine_run, tmp_path)
         read_file(str(fresh / "duplicates.parquet"))
     )
     assert read_folder(str(regrouped / "kept")).equals(read_folder(str(fresh / "kept")))
-    assert (regrouped / "_SUCCESS").exists()
+    assert (regrouped / ".embedpipe/SUCCESS").exists()
     # the chains fall apart at the stricter threshold, the copies stay together
     want = oracle(c["vectors"], "cosine", c["stricter"])
     assert [5, 200] in want["groups"] and [60, 170, 300] not in want["groups"]
@@ -588,7 +588,7 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     committed: list[str] = []
 
     def dying(self, part, *args, **kwargs):
-        if part == "_search/pairs-00002.parquet" and dying.armed:
+        if part == ".embedpipe/search/pairs-00002.parquet" and dying.armed:
             raise RuntimeError("the driver died")
         committed.append(part)
         return commit(self, part, *args, **kwargs)
@@ -597,17 +597,19 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     monkeypatch.setattr(OutputFolder, "commit_part", dying)
     with pytest.raises(RuntimeError, match="the driver died"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
-    assert sorted(p.name for p in (out / "_search").glob("*.parquet")) == [
+    assert sorted(p.name for p in (out / ".embedpipe/search").glob("*.parquet")) == [
         "pairs-00000.parquet",
         "pairs-00001.parquet",
     ]
-    assert not (out / "_SUCCESS").exists() and not (out / "pairs").exists()
+    assert not (out / ".embedpipe/SUCCESS").exists() and not (out / "pairs").exists()
     dying.armed = False
     committed.clear()
     report = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
-    searched = sorted(p for p in committed if p.startswith("_search/"))
-    assert searched == [f"_search/pairs-{i:05d}.parquet" for i in range(2, len(PART_ROWS))]  # 0 and 1 kept
-    assert not (out / "_search").exists()
+    searched = sorted(p for p in committed if p.startswith(".embedpipe/search/"))
+    assert searched == [
+        f".embedpipe/search/pairs-{i:05d}.parquet" for i in range(2, len(PART_ROWS))
+    ]  # 0 and 1 kept
+    assert not (out / ".embedpipe/search").exists()
     assert read_file(str(out / "duplicates.parquet")).equals(read_file(f"{c['out']}/duplicates.parquet"))
     assert read_folder(str(out / "kept")).equals(read_folder(f"{c['out']}/kept"))
     same_pairs(read_folder(str(out / "pairs")), read_folder(f"{c['out']}/pairs"))
@@ -617,13 +619,13 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     }
 
     # died after the search: the forest is kept, only the grouping and outputs are redone
-    for name in ("_SUCCESS", "report.json", "duplicates.parquet"):
+    for name in (".embedpipe/SUCCESS", "report.json", "duplicates.parquet"):
         (out / name).unlink()
     shutil.rmtree(out / "kept")
     before = (out / "pairs" / "pairs.parquet").stat().st_mtime_ns
     committed.clear()
     again = run_dedup(spec(input=c["input"], output=str(out), threshold=c["threshold"], workers=1))
-    assert not any(p.startswith(("_search/", "pairs/")) for p in committed)
+    assert not any(p.startswith((".embedpipe/search/", "pairs/")) for p in committed)
     assert (out / "pairs" / "pairs.parquet").stat().st_mtime_ns == before
     assert {k: v for k, v in again.items() if k not in drop} == {
         k: v for k, v in report.items() if k not in drop
@@ -631,13 +633,13 @@ def test_rerun_resumes_and_gives_the_same_output(cosine_run, tmp_path, monkeypat
     # other options against the same output: refused, the output left alone
     with pytest.raises(ValueError, match="other input or options"):
         run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1))
-    assert (out / "_SUCCESS").exists()
+    assert (out / ".embedpipe/SUCCESS").exists()
     # with --overwrite its own files are replaced; anything else in the folder is left alone
     (out / "notes.txt").write_text("not dedup's")
     (out / "pairs" / "pairs-00099.parquet").write_bytes(b"stale")  # inside a folder dedup owns
     replaced = run_dedup(spec(input=c["input"], output=str(out), threshold=0.95, workers=1, overwrite=True))
     assert replaced["threshold"] == json.loads((out / "report.json").read_text())["threshold"] == 0.95
-    assert (out / "_SUCCESS").exists() and (out / "notes.txt").read_text() == "not dedup's"
+    assert (out / ".embedpipe/SUCCESS").exists() and (out / "notes.txt").read_text() == "not dedup's"
     assert not (out / "pairs" / "pairs-00099.parquet").exists()
 
 
@@ -688,7 +690,7 @@ def test_partitioned_equals_exact_on_separated_clusters(tmp_path) -> None:
         and recall["recall"] == 1.0
     )
     assert sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet")) == ["pairs.parquet"]
-    assert not (tmp_path / "out" / "_search").exists()
+    assert not (tmp_path / "out" / ".embedpipe/search").exists()
 
 
 # ---------------------------------------------------------------- bad input
@@ -769,8 +771,8 @@ def test_bad_datasets_and_thresholds_fail_before_any_work(tmp_path, capsys) -> N
     # an embed output that is not finished, and a folder that is no embed output at all (without --model)
     unfinished = tmp_path / "unfinished"
     shutil.copytree(good, unfinished)
-    (unfinished / "_SUCCESS").unlink()
-    (unfinished / "_plan.json").write_text("{}")
+    (unfinished / ".embedpipe/SUCCESS").unlink()
+    (unfinished / ".embedpipe/plan.json").write_text("{}")
     fails("not complete", input=str(unfinished), threshold=0.9)
     raw = tmp_path / "raw.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), raw)
@@ -783,7 +785,7 @@ def test_bad_datasets_and_thresholds_fail_before_any_work(tmp_path, capsys) -> N
     empty_raw = tmp_path / "empty-raw.parquet"
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_raw)
     fails("no rows", input=str(empty_raw), threshold=0.9, model=str(get_model_path()))
-    assert not (out / "embeddings" / "_SUCCESS").exists()
+    assert not (out / "embeddings" / ".embedpipe/SUCCESS").exists()
 
     # unreachable thresholds: cosine above 1, a negated distance above 0, dot above 1 on unit vectors
     fails(r"cosine threshold 1.5 is outside \[-1, 1\]", input=str(good), threshold=1.5)
@@ -1041,10 +1043,16 @@ def test_another_job_into_a_dedup_output_is_refused_by_kind_and_overwrite_clears
     }
     with pytest.raises(ValueError, match="holds a dedup output made by another job"):
         run_embed(build_spec(EmbedSpec, embed), log=lambda _m: None)
-    assert (out / "_SUCCESS").exists() and (out / "kept").exists()
+    assert (out / ".embedpipe/SUCCESS").exists() and (out / "kept").exists()
     run_embed(build_spec(EmbedSpec, {**embed, "overwrite": True}), log=lambda _m: None)
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["_SUCCESS", "_manifest.json", "_parts", "_plan.json", "notes.txt", "part-00000.parquet"]
+    assert left == [".embedpipe", "notes.txt", "part-00000.parquet"]
+    assert {p.name for p in (out / ".embedpipe").iterdir()} == {
+        "SUCCESS",
+        "manifest.json",
+        "plan.json",
+        "receipts",
+    }
 
 
 def test_read_helpers_open_embed_and_dedup_outputs(cosine_run) -> None:

@@ -4,7 +4,7 @@ Inputs are small real files (Parquet, JSON Lines, Arrow IPC) on local disk or on
 server; the model is a tiny random-weight sentence-transformers model, except for one parity test
 with the packaged all-MiniLM-L6-v2. Outputs are read back and compared with ``Encoder.encode`` of the
 same texts. Bad inputs must fail on the driver with a message naming file (and row), leaving no part
-and no ``_SUCCESS``.
+and no ``.embedpipe/SUCCESS``.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def test_plan_manifest_and_success_written_last(float32_run) -> None:
         assert digest(output / part["part"]) == part["sha256"]
     success = (output / SUCCESS_FILE).stat().st_mtime_ns
     for path in [*parts_of(output), output / MANIFEST_FILE, output / PLAN_FILE]:
-        assert path.stat().st_mtime_ns <= success, f"{path.name} was written after _SUCCESS"
+        assert path.stat().st_mtime_ns <= success, f"{path.name} was written after .embedpipe/SUCCESS"
 
 
 def test_part_metadata(float32_run, encoder, tiny_model_dir) -> None:
@@ -638,7 +638,7 @@ def upload_corpus(bucket, texts: list[str]) -> None:
 def assert_no_secret_anywhere(bucket, summary: dict, captured) -> None:
     bucket.fs.invalidate_cache()
     names = bucket.fs.find(bucket.name)
-    assert any(n.endswith("_SUCCESS") for n in names) and any(n.endswith(PLAN_FILE) for n in names)
+    assert any(n.endswith(".embedpipe/SUCCESS") for n in names) and any(n.endswith(PLAN_FILE) for n in names)
     blobs = {name: bucket.fs.cat_file(name) for name in names}
     blobs["summary"] = json.dumps(summary).encode()
     blobs["stdout"] = captured.out.encode()

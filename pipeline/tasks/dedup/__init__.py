@@ -3,7 +3,7 @@
 Stages, each a module with narrow inputs: `source` (the embeddings: an embed output, or a raw corpus
 embedded first), `pairs` (index actors score slices; one committed part per query part or cluster
 owner), `groups` (connected components at the threshold and the keep policy; pure), `outputs`
-(``kept/``, ``duplicates.parquet``, ``report.json``, then the manifest and ``_SUCCESS``). `job` strings
+(``kept/``, ``duplicates.parquet``, ``report.json``, then the manifest and ``.embedpipe/SUCCESS``). `job` strings
 them together.
 """
 

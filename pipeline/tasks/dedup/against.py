@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io.output import RECEIPTS_DIR, DatasetError, OutputFolder
+from pipeline.io.output import DatasetError, OutputFolder, receipts_folder
 from pipeline.spec import DedupSpec
 from pipeline.tasks.dedup.pairs import SEARCH_DIR, SearchSpace, kmeans
 from pipeline.tasks.dedup.source import Source
@@ -24,7 +24,7 @@ CONTAMINATED_FILE = "contaminated.parquet"
 
 
 def best_matches(pool, space: SearchSpace, fn: str, spec: DedupSpec, output: OutputFolder, bar, log) -> dict:
-    """Per searched input part, every row's best reference row and score, committed under ``_search/``."""
+    """Per searched input part, every row's best reference row and score, committed under ``.embedpipe/search/``."""
     import ray
     import torch
 
@@ -111,7 +111,7 @@ def commit_matches(
         ),
     )
     output.remove(SEARCH_DIR)
-    output.remove(f"{RECEIPTS_DIR}/{SEARCH_DIR}")
+    output.remove(receipts_folder(SEARCH_DIR))
 
 
 def read_matches(output: OutputFolder) -> pa.Table:

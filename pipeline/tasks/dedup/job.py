@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from pipeline.io.output import PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, DatasetError, OutputFolder, plan_key
+from pipeline.io.output import BOOKKEEPING_DIR, PLAN_FILE, DatasetError, OutputFolder, plan_key
 from pipeline.io.storage import parse_storage_options
 from pipeline.model.similarity import check_threshold
 from pipeline.spec import DedupSpec
@@ -40,7 +40,6 @@ from pipeline.tasks.dedup.outputs import (
 )
 from pipeline.tasks.dedup.pairs import (
     PAIRS_DIR,
-    SEARCH_DIR,
     SearchSpace,
     commit_forest,
     estimate_recall,
@@ -54,19 +53,15 @@ from pipeline.tasks.dedup.source import DedupError, Source, load_source, resolve
 
 EDGE_COLUMNS = ["row", "neighbor_row", "score"]
 DEDUP_FILES = (
-    SUCCESS_FILE,
+    BOOKKEEPING_DIR,
     REPORT_FILE,
     DUPLICATES_FILE,
-    PLAN_FILE,
     PAIRS_DIR,
     KEPT_DIR,
-    RECEIPTS_DIR,
     COLLAPSE_DIR,
-    SEARCH_DIR,
     MATCHES_DIR,
     "contaminated.parquet",
     "report.html",
-    "_manifest.json",
 )
 
 
@@ -107,6 +102,8 @@ def run_dedup(spec: DedupSpec, log=None) -> dict:
     if spec.against:
         return decontaminate(spec, output, log, started)
     source = resolve_source(spec, output, log)
+    if spec.with_text:
+        source.text_column(spec.text_column)  # before any work: a missing column is the user's to fix
     fn = spec.similarity or source.metadata.get("similarity_fn_name", "cosine")
     normalized = bool(source.metadata.get("normalized")) and spec.similarity in (None, fn)
     if spec.threshold is not None:
@@ -317,7 +314,7 @@ def regroup(spec: DedupSpec, output: OutputFolder, log) -> dict:
     earlier = OutputFolder(spec.from_pairs, output.storage_options)
     plan = earlier.plan()
     if plan is None:
-        raise DatasetError(f"{earlier.url}: not a dedup output (no _plan.json)")
+        raise DatasetError(f"{earlier.url}: not a dedup output (no .embedpipe/plan.json)")
     floor = plan["pairs_floor"]
     if spec.threshold is not None and spec.threshold < floor:
         raise DedupError(

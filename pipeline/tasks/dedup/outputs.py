@@ -1,6 +1,6 @@
 """Dedup stage 4, outputs: ``duplicates.parquet`` (each removed row, its group, the kept row and its score
 to it), ``kept/`` (the source parts minus the removed rows), ``report.json``, then the manifest and
-``_SUCCESS``."""
+``.embedpipe/SUCCESS``."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def write_outputs(
     rep_of: np.ndarray | None = None,
 ) -> dict:
     """Groups at ``threshold``, the keep policy, then duplicates.parquet and kept/ (report.json, the
-    manifest and _SUCCESS follow in `finish`)."""
+    manifest and the success marker follow in `finish`)."""
     started = time.perf_counter()
     n = source.rows
     rep_of = np.arange(n, dtype=np.int64) if rep_of is None else rep_of
@@ -80,6 +80,13 @@ def write_outputs(
             "score": pa.array(scores, pa.float32()),
         }
     )
+    if spec.with_text:
+        column = source.text_column(spec.text_column)
+        texts = source.rows_of(np.union1d(removed, kept_rows), column)
+        duplicates = duplicates.append_column("text", pa.array([texts[int(r)] for r in removed], pa.string()))
+        duplicates = duplicates.append_column(
+            "kept_text", pa.array([texts[int(r)] for r in kept_rows], pa.string())
+        )
     receipts = [output.commit_part(DUPLICATES_FILE, 0, duplicates)]
     receipts += write_kept(source, set(removed.tolist()), output)
     group_sizes = groups.sizes[sorted(kept)] if kept else np.zeros(0, np.int64)
@@ -196,7 +203,7 @@ def write_kept(source: Source, removed: set[int], output: OutputFolder) -> list:
 
 
 def finish(output: OutputFolder, report: dict, source: Source, mode: str) -> dict:
-    """report.json, then the manifest (duplicates, kept parts and the pairs, checked) and ``_SUCCESS``."""
+    """report.json, then the manifest (duplicates, kept parts and the pairs, checked) and ``.embedpipe/SUCCESS``."""
     parts = report.pop("parts")
     groups = report.pop("sample_groups", [])
     output.write_json(REPORT_FILE, report)

@@ -3,9 +3,9 @@
 Index actors each hold a slice of the searched vectors (one representative per identical set, see
 `collapse`) and reduce what they find to its maximum spanning forest; the driver merges each query part's
 edges (exact) or each cluster owner's (partitioned) into the running forest and commits, as one part
-under ``_search/``, the edges that entered it, so a re-run skips what is committed. Once every part is
+under ``.embedpipe/search/``, the edges that entered it, so a re-run skips what is committed. Once every part is
 searched, the forest itself is committed as ``pairs/pairs.parquet`` (at most one edge per searched row)
-and ``_search/`` goes. Storage and driver memory are linear in the rows whatever the size of a duplicate
+and ``.embedpipe/search/`` goes. Storage and driver memory are linear in the rows whatever the size of a duplicate
 cluster, and the forest still gives, at any threshold at or above the floor, exactly the groups all
 pairs would give (single linkage).
 """
@@ -20,14 +20,14 @@ import pyarrow as pa
 
 from pipeline.compute.components import SpanningForest
 from pipeline.io.dataset import PartsLoader
-from pipeline.io.output import RECEIPTS_DIR, DatasetError, OutputFolder
+from pipeline.io.output import BOOKKEEPING_DIR, DatasetError, OutputFolder, receipts_folder
 from pipeline.spec import DedupSpec
 from pipeline.tasks.dedup.source import Source
 
 KMEANS_SAMPLE = 20000
 PAIRS_DIR = "pairs"
 PAIRS_FILE = f"{PAIRS_DIR}/pairs.parquet"
-SEARCH_DIR = "_search"
+SEARCH_DIR = f"{BOOKKEEPING_DIR}/search"
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def commit_forest(output: OutputFolder, forest: SpanningForest, ids: pa.Array) -
     """The search is complete: its forest becomes ``pairs/pairs.parquet``; the per-part results go."""
     output.commit_part(PAIRS_FILE, 0, pairs_table(forest.i, forest.j, forest.w, ids))
     output.remove(SEARCH_DIR)
-    output.remove(f"{RECEIPTS_DIR}/{SEARCH_DIR}")
+    output.remove(receipts_folder(SEARCH_DIR))
 
 
 def searched(output: OutputFolder) -> bool:

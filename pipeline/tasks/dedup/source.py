@@ -39,6 +39,15 @@ class Source:
     def offsets(self) -> list[int]:
         return [0, *np.cumsum([int(p["rows"]) for p in self.parts]).tolist()]
 
+    def text_column(self, fallback: str) -> str:
+        """The column holding the texts (the embed's own, else ``fallback``), checked to be in the parts:
+        a raw corpus always has it, an embed output only when it kept it."""
+        column = self.metadata.get("text_column") or fallback
+        if self.parts and column not in self.folder.read_schema(self.parts[0]["part"]).names:
+            where = self.folder.url_of(self.parts[0]["part"])
+            raise DedupError(f"{where}: no text column {column!r} (embed with --keep-columns {column})")
+        return column
+
     def loader(self, indices) -> PartsLoader:
         """A picklable reader of the given parts' vectors (for an actor)."""
         return PartsLoader(
@@ -116,7 +125,7 @@ def resolve_source(
     given = OutputFolder(url, storage_options) if url else None
     if given is not None and given.read_json(PLAN_FILE) is not None and not given.is_complete():
         raise DatasetError(
-            f"{url}: an embed output that is not complete (no _SUCCESS); finish the embed first"
+            f"{url}: an embed output that is not complete (no .embedpipe/SUCCESS); finish the embed first"
         )
     if given is not None and given.is_complete():
         source = load_source(given, raw=False)

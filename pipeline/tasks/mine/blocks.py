@@ -1,5 +1,5 @@
 """One anchor block, from its candidate window to its committed parts: shared by a full run (the window
-comes from the index actors) and ``--from-candidates`` (the window comes from ``candidates/``).
+comes from the index actors) and ``--from-candidates`` (the window comes from ``.embedpipe/candidates/``).
 
 A block's *candidate window* (:class:`CandidateBlock`): per anchor, the bi-encoder's top ``k`` corpus
 indices in rank order (score descending, corpus index ascending) with their scores, the anchor's
@@ -7,8 +7,8 @@ distinct positives with their scores, and where computed the cross-encoder's sco
 candidate's best bi-encoder score to one of the positives. :func:`finish_block` applies the rules
 (``compute/negatives.py``), fetches the texts it needs, and commits, in this order:
 
-* ``candidates/part-NNNNN.parquet`` (with ``--save-candidates``): the window, one row per anchor;
-* ``scores/part-NNNNN.parquet``: the scores behind report.json's histograms (one row of lists), so the
+* ``.embedpipe/candidates/part-NNNNN.parquet`` (with ``--save-candidates``): the window, one row per anchor;
+* ``.embedpipe/scores/part-NNNNN.parquet``: the scores behind report.json's histograms (one row of lists), so the
   report never needs every score in memory at once;
 * ``part-NNNNN.parquet``: the output rows; its receipt (statistics, a few dropped candidates per rule
   with their texts, score ranges) marks the block done.
@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.compute import negatives as rules
-from pipeline.io.output import OutputFolder, part_name
+from pipeline.io.output import BOOKKEEPING_DIR, OutputFolder, part_name
 from pipeline.io.training_formats import build_table
 
-CANDIDATES_DIR = "candidates"
-SCORES_DIR = "scores"
+CANDIDATES_DIR = f"{BOOKKEEPING_DIR}/candidates"
+SCORES_DIR = f"{BOOKKEEPING_DIR}/scores"
 SAMPLES_PER_BLOCK = 3  # dropped candidates kept per rule and block (the report shows the first few)
 SAMPLE_CHARS = 240
 

@@ -1,7 +1,7 @@
 """``embedpipe mine --from-candidates OUTPUT``: other ranges, margins, sampling, formats and filters over the
 candidate windows an earlier ``--save-candidates`` run kept, without a model and without encoding.
 
-The earlier output's ``_plan.json`` records what its candidates were made from (model and cross-encoder
+The earlier output's plan (``.embedpipe/plan.json``) records what its candidates were made from (model and cross-encoder
 fingerprints, digests of the pairs and of the extra corpus, columns, prompts, ``k``). This run:
 
 * takes the inputs and columns from there unless given, reads them again (the texts of the output
@@ -34,7 +34,7 @@ from pipeline.tasks.mine.inputs import MineError, list_inputs, scan_inputs
 def saved_candidates(source: OutputFolder) -> dict:
     plan = source.plan()
     if plan is None:
-        raise DatasetError(f"{redact(source.url)}: not a mining output (no _plan.json)")
+        raise DatasetError(f"{redact(source.url)}: not a mining output (no .embedpipe/plan.json)")
     if plan.get("job") != "mine" or "candidates" not in plan:
         raise DatasetError(
             f"{redact(source.url)}: holds no saved candidates (mine it with --save-candidates first)"
@@ -98,6 +98,7 @@ def run_from_candidates(spec: MineSpec, log) -> dict:
     check_compatible(spec, saved, storage_options)
     spec = with_defaults(spec, saved)
     inputs = list_inputs(spec, storage_options, None, None)
+    log(inputs.columns_line())
     for role, name in (("anchor", inputs.anchor_column), ("positive", inputs.positive_column)):
         if name != saved[f"{role}_column"]:
             raise MineError(
@@ -158,6 +159,7 @@ def run_from_candidates(spec: MineSpec, log) -> dict:
         )
     report = {
         "output": output.url,
+        "columns": inputs.columns_record(),
         "output_format": options.output_format,
         "from_candidates": source.url,
         "corpus_reused_from": None,

@@ -122,10 +122,21 @@ class Inputs:
     embed_metadata: dict | None = None
     reuse_vectors: bool = False  # same model and prompt: its vectors are used, not re-encoded
     where: str = ""
+    columns_chosen: str = "as given"  # how the anchor and positive columns were picked (logged, reported)
 
     @property
     def reused_from(self) -> str | None:
         return self.embed_root if self.reuse_vectors else None
+
+    def columns_line(self) -> str:
+        return (
+            f"pairs {self.where}: anchor column {self.anchor_column!r}, positive column "
+            f"{self.positive_column!r} ({self.columns_chosen})"
+        )
+
+    def columns_record(self) -> dict:
+        """The chosen columns as the report records them."""
+        return {"anchor": self.anchor_column, "positive": self.positive_column, "chosen": self.columns_chosen}
 
 
 def file_pieces(
@@ -137,21 +148,45 @@ def file_pieces(
     return [Piece(s.url, s.rows, shard=s.to_dict()) for s in shards], schema
 
 
-def pair_columns(schema: pa.Schema, spec: MineSpec, where: str) -> tuple[str, str]:
-    """The anchor and positive columns: as given, else the first two text columns (as sentence-transformers)."""
+# sentence-transformers' and HF datasets' usual names, most specific first.
+ANCHOR_NAMES = ("anchor", "query", "question")
+POSITIVE_NAMES = ("positive", "answer", "document", "text")
+
+
+def pair_columns(schema: pa.Schema, spec: MineSpec, where: str) -> tuple[str, str, str]:
+    """The anchor and positive columns and how they were chosen: as given; else by their conventional
+    names; else, with exactly two text columns, those two in order (as sentence-transformers takes the
+    first two). More candidates than that is a refusal naming them: a silent guess mines the wrong text."""
     text_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    anchor = spec.anchor_column or (text_columns[0] if text_columns else None)
-    positive = spec.positive_column or next((c for c in text_columns if c != anchor), None)
-    for role, name in (("anchor", anchor), ("positive", positive)):
-        if name is None:
-            raise corpus_io.CorpusError(
-                f"{where}: no {role} column (found text columns: {text_columns or 'none'})"
-            )
-        if name not in schema.names:
+    for role, name in (("anchor", spec.anchor_column), ("positive", spec.positive_column)):
+        if name is not None and name not in schema.names:
             raise corpus_io.CorpusError(
                 f"{where}: missing {role} column {name!r}; has {', '.join(schema.names)}"
             )
-    return anchor, positive
+    anchor, positive = spec.anchor_column, spec.positive_column
+    if anchor is None:
+        anchor = next((c for c in ANCHOR_NAMES if c in text_columns and c != positive), None)
+    if positive is None:
+        positive = next((c for c in POSITIVE_NAMES if c in text_columns and c != anchor), None)
+    if spec.anchor_column and spec.positive_column:
+        how = "as given"
+    elif anchor and positive:
+        how = "given or by their conventional names"
+    else:
+        left = [c for c in text_columns if c not in (anchor, positive)]
+        needed = (anchor is None) + (positive is None)
+        if len(left) != needed:
+            found = ", ".join(text_columns) or "none"
+            raise corpus_io.CorpusError(
+                f"{where}: cannot tell the anchor and positive columns apart (text columns: {found}); "
+                "name them with --anchor-column and --positive-column"
+            )
+        if anchor is None:
+            anchor, left = left[0], left[1:]
+        if positive is None:
+            positive = left[0]
+        how = "the only text columns"
+    return anchor, positive, how
 
 
 def list_inputs(
@@ -164,10 +199,12 @@ def list_inputs(
     pairs, schema = file_pieces(spec.input, spec.texts_per_task, storage_options)
     if not sum(p.rows for p in pairs) or schema is None:
         raise MineError(f"pairs {where}: no rows")
-    anchor, positive = pair_columns(schema, spec, where)
+    anchor, positive, how = pair_columns(schema, spec, where)
     if anchor == positive:
         raise ValueError(f"anchor and positive columns must differ, both are {anchor!r}")
-    inputs = Inputs(pairs, anchor, positive, extra_column=spec.corpus_text_column, where=where)
+    inputs = Inputs(
+        pairs, anchor, positive, extra_column=spec.corpus_text_column, where=where, columns_chosen=how
+    )
     if not spec.corpus:
         return inputs
     url = spec.corpus[0].rstrip("/")

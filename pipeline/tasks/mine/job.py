@@ -8,11 +8,11 @@ store); corpus slice actors each hold a run of the corpus (vectors and texts) an
 block's candidate window over their slice (with a cross-encoder, its scores too); the driver merges,
 applies the rules and commits one output part (and its receipt) per anchor block
 (``blocks.finish_block``). A re-run with the same input and options skips the committed parts (and
-needs no Ray at all when every part is there); report.json is built from the receipts and the
-``scores/`` parts, so it is the same either way.
+needs no Ray at all when every part is there); ``.embedpipe/report.json`` is built from the receipts
+and the ``.embedpipe/scores/`` parts, so it is the same either way.
 
 ``--from-candidates OUTPUT`` re-applies ranges, margins, sampling, formats and filters to the
-``candidates/`` an earlier ``--save-candidates`` run kept: no model is loaded and nothing is encoded
+``.embedpipe/candidates/`` an earlier ``--save-candidates`` run kept: no model is loaded and nothing is encoded
 (slice actors hold only the texts); the inputs are read again to check they are the ones the candidates
 were made from and for the texts.
 
@@ -31,14 +31,14 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from pipeline.compute import negatives as rules
-from pipeline.io.output import MANIFEST_FILE, PLAN_FILE, RECEIPTS_DIR, SUCCESS_FILE, OutputFolder, plan_key
+from pipeline.io.output import BOOKKEEPING_DIR, OutputFolder, plan_key
 from pipeline.io.storage import parse_storage_options, redact
 from pipeline.io.training_formats import build_table
 from pipeline.spec import MineSpec, explicit_keys
 from pipeline.tasks.mine.blocks import CANDIDATES_DIR, SCORES_DIR, BlockWriter
 from pipeline.tasks.mine.inputs import MineError, MinePlan, list_inputs, scan_inputs
 
-REPORT_FILE = "report.json"
+REPORT_FILE = f"{BOOKKEEPING_DIR}/report.json"
 EXAMPLES_PER_RULE = 5
 OPTION_NAMES = (
     "range_min",
@@ -87,17 +87,9 @@ def prompts_for(spec: MineSpec, description: dict) -> tuple[str, str]:
     )
 
 
-# The top-level names a mining output owns (glob patterns, recorded in _plan.json): what --overwrite removes.
-OWNED = (
-    "part-*",
-    SUCCESS_FILE,
-    PLAN_FILE,
-    MANIFEST_FILE,
-    REPORT_FILE,
-    RECEIPTS_DIR,
-    SCORES_DIR,
-    CANDIDATES_DIR,
-)
+# The top-level names a mining output owns (glob patterns, recorded in its plan): what --overwrite removes.
+# Only the training set's parts are visible; the report, scores and candidates sit in the hidden folder.
+OWNED = ("part-*", BOOKKEEPING_DIR)
 
 
 def is_mine_file(name: str) -> bool:
@@ -150,7 +142,7 @@ def histogram_edges(low: float | None, high: float | None, bins: int = 20) -> np
 
 
 def build_report(output: OutputFolder, count: int, done: dict[int, dict]) -> dict:
-    """Statistics, examples and histograms from the receipts and the scores/ parts (one at a time)."""
+    """Statistics, examples and histograms from the receipts and the .embedpipe/scores/ parts (one at a time)."""
     totals = rules.MiningStats()
     examples: dict[str, list] = {}
     ranges: dict[str, list] = {}
@@ -247,7 +239,7 @@ def finish(
 
 
 def run_mine(spec: MineSpec, log=None) -> dict:
-    """Run the mining job; returns report.json's content."""
+    """Run the mining job; returns the report's content."""
     log = log or (lambda message: print(message, file=sys.stderr))
     if spec.from_candidates:
         from pipeline.tasks.mine.candidates import run_from_candidates
@@ -282,6 +274,7 @@ def run_mine(spec: MineSpec, log=None) -> dict:
             "max_batch_tokens": spec.max_batch_tokens,
         }
     inputs = list_inputs(spec, storage_options, model_fingerprint, corpus_prompt)
+    log(inputs.columns_line())
     duplicates = load_duplicates(spec, storage_options, log)
     plan = scan_inputs(inputs, storage_options, duplicates.map_corpus if duplicates else None)
     options = mining_options(spec, plan.max_positives)
@@ -366,6 +359,7 @@ def run_mine(spec: MineSpec, log=None) -> dict:
 
     report = {
         "output": output.url,
+        "columns": inputs.columns_record(),
         "output_format": options.output_format,
         "corpus_reused_from": inputs.reused_from,
         "candidates_per_anchor": k,

@@ -3,7 +3,7 @@
 Layout under the store URL (``--output``)::
 
     v00001/ v00002/ ...     complete embed datasets (parts: id, embedding, kept columns, content_hash;
-                            _parts/ receipts, _manifest.json, _SUCCESS), never modified once complete
+                            .embedpipe/: receipts, manifest, SUCCESS), never modified once complete
     _LATEST                 {"version": "v00002", ...}: committed atomically, last; readers start here
     _LOCK                   the running job's claim on the store, created exclusively
     _staging/v00003/        the run in progress: delta/ (new + changed rows) and embedded/ (embed job)
@@ -13,7 +13,7 @@ A run, holding ``_LOCK`` throughout: hash every row's prompt and text by id on t
 version ``_LATEST`` names; embed only new and changed rows with the embed job (into staging, so a crashed
 run resumes its committed shards); write the next version from the old parts filtered to unchanged ids
 (their vectors copied bit for bit) plus the embedded delta, every part with its receipt, then the
-manifest and ``_SUCCESS``; then ``_LATEST``; then drop staging and prune. A changed model fingerprint
+manifest and ``.embedpipe/SUCCESS``; then ``_LATEST``; then drop staging and prune. A changed model fingerprint
 (which covers truncate_dim), prompt, precision, dtype or id type re-embeds everything; an unchanged
 corpus writes no version. Kept columns always come from the current corpus.
 
