@@ -285,8 +285,9 @@ class OutputFolder:
                 made = "with other input or options" if kind == job else "by another job"
                 if existing.get("key") is None:
                     made = f"by an earlier embedpipe ({LEGACY_FILES[0]} at the top)"
+                article = "an" if kind[:1] in "aeiou" else "a"
                 raise DatasetError(
-                    f"{redact(self.url)}: holds a {kind} output made {made}; use --overwrite "
+                    f"{redact(self.url)}: holds {article} {kind} output made {made}; use --overwrite "
                     "or choose another --output"
                 )
             log(f"replacing the existing {kind} output at {redact(self.url)}")

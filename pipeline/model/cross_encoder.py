@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.model.files import ModelConfigError, fingerprint, local_model_dir, read_json
+from pipeline.model.modules.transformer import quiet_weight_loading
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +253,14 @@ class CrossEncoder:
             )
             if not self.config.architecture.endswith("ForSequenceClassification"):
                 hf_config.num_labels = 1
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(self.root),
-                config=hf_config,
-                trust_remote_code=False,
-                use_safetensors=any(self.root.glob("*.safetensors")),
-                local_files_only=True,
-            )
+            with quiet_weight_loading():
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    str(self.root),
+                    config=hf_config,
+                    trust_remote_code=False,
+                    use_safetensors=any(self.root.glob("*.safetensors")),
+                    local_files_only=True,
+                )
         except Exception as exc:  # safetensors, torch and transformers each raise their own kinds
             raise ModelConfigError(
                 f"{self.root}: cannot load the CrossEncoder weights ({type(exc).__name__}: {exc})"

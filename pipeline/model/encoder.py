@@ -56,7 +56,9 @@ from pipeline.model.similarity import similarity
 
 # bench/encode.py on a quiet 2-core machine: 4,096 beat 8,192 at 1 and 2 threads
 DEFAULT_CPU_BATCH_TOKENS = 4096
-DEFAULT_GPU_BATCH_TOKENS = 65536
+DEFAULT_GPU_BATCH_TOKENS = 65536  # the cross-encoder's GPU default; the bi-encoder sizes it from free memory
+MIN_DEVICE_BATCH_TOKENS = 8192
+MAX_DEVICE_BATCH_TOKENS = 262144
 # texts per chunk when one call's texts are tokenized over several threads
 TOKENIZE_CHUNK = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +80,7 @@ class EncodeCounters:
     pad_seconds: float = 0.0
     forward_seconds: float = 0.0
     to_host_seconds: float = 0.0
+    oom_splits: int = 0  # batches split in half after the device ran out of memory
 
     def stage_seconds(self) -> dict[str, float]:
         return {
@@ -163,6 +166,8 @@ class Encoder:
         # Threads that tokenize one call's texts in parallel (the fast tokenizer releases the GIL while it
         # encodes a batch); an encoder actor sets it to its CPUs.
         self.tokenize_threads = 1
+        # After an out-of-memory split: the widest batch (padded tokens) known to fit, for the rest of the run.
+        self.oom_cap: int | None = None
         self._tokenize_pool: ThreadPoolExecutor | None = None
         self._tokenize_pool_size = 0
         self._pool_lock = threading.Lock()
@@ -328,10 +333,25 @@ class Encoder:
     # -- encoding ------------------------------------------------------------------------------
 
     def default_batch_tokens(self) -> int:
+        """``EMBEDPIPE_MAX_BATCH_TOKENS``; else on a GPU a budget sized from its free memory
+        (`device_batch_tokens`), on a CPU 4,096 (smaller batches stay in cache: BENCHMARKS.md)."""
         env = os.environ.get("EMBEDPIPE_MAX_BATCH_TOKENS")
         if env:
             return int(env)
-        return DEFAULT_GPU_BATCH_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCH_TOKENS
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_BATCH_TOKENS
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return device_batch_tokens(free, self.activation_bytes_per_token())
+
+    def activation_bytes_per_token(self) -> int:
+        """A bound on the device memory one padded token needs in a forward pass without gradients: the
+        widest layer's activations (the feed-forward's intermediate width, else 4 x hidden) plus a few
+        hidden-width copies, in the compute dtype."""
+        config = getattr(getattr(self.transformer, "model", None), "config", None)
+        hidden = int(getattr(config, "hidden_size", 0) or self.full_dim or 1024)
+        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        width = (self.autocast_dtype or self.weights_dtype).itemsize
+        return (intermediate + 6 * hidden) * max(width, 2)
 
     def encode(
         self,
@@ -382,30 +402,64 @@ class Encoder:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(input indices, float32 vectors) per batch, longest batches first."""
         budget = max_batch_tokens or self.default_batch_tokens()
-        counters = self.counters
         pending: tuple[np.ndarray, Any] | None = None  # CUDA: the batch whose vectors are still on their way
-        for indices in plan_batches(tokens.lengths, budget):
-            started = time.perf_counter()
-            batch = self.pad(tokens, indices)
-            padded = time.perf_counter()
-            vectors = self.launch(batch, tokens.prompt_length, task=tokens.task)
-            counters.pad_seconds += padded - started
-            counters.forward_seconds += time.perf_counter() - padded
-            width = int(tokens.lengths[indices].max()) if len(indices) else 0
-            counters.texts += len(indices)
-            counters.tokens += int(tokens.lengths[indices].sum())
-            counters.padded_tokens += width * len(indices)
-            counters.batches += 1
-            if self.device.type != "cuda":
-                yield indices, self.to_host(vectors)
-                continue
-            # CUDA: this batch's copy to the host is queued behind its forward; the previous batch is read
-            # while the device works on this one, so the host never waits on an idle device.
-            if pending is not None:
-                yield pending[0], self.to_host(pending[1])
-            pending = (indices, vectors)
+        for planned in plan_batches(tokens.lengths, budget):
+            for indices, vectors in self.launch_splitting(tokens, planned):
+                if self.device.type != "cuda":
+                    yield indices, self.to_host(vectors)
+                    continue
+                # CUDA: this batch's copy to the host is queued behind its forward; the previous batch is read
+                # while the device works on this one, so the host never waits on an idle device.
+                if pending is not None:
+                    yield pending[0], self.to_host(pending[1])
+                pending = (indices, vectors)
         if pending is not None:
             yield pending[0], self.to_host(pending[1])
+
+    def launch_splitting(self, tokens: Tokenized, indices: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+        """Launch one planned batch; when the device runs out of memory, split it in half and retry each
+        half (recursively) rather than fail the shard. The vectors do not depend on how texts are batched
+        beyond float noise. Once a batch needed splitting, batches as wide as it are split up front."""
+        cap = self.oom_cap
+        if cap is not None and len(indices) > 1 and self.padded(tokens, indices) > cap:
+            half = len(indices) // 2
+            return self.launch_splitting(tokens, indices[:half]) + self.launch_splitting(
+                tokens, indices[half:]
+            )
+        counters = self.counters
+        started = time.perf_counter()
+        batch = self.pad(tokens, indices)
+        padded = time.perf_counter()
+        try:
+            vectors = self.launch(batch, tokens.prompt_length, task=tokens.task)
+        except torch.OutOfMemoryError:
+            del batch
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            width = self.padded(tokens, indices)
+            if len(indices) == 1:
+                raise torch.OutOfMemoryError(
+                    f"one text of {width} tokens does not fit in the device's free memory; "
+                    "lower the model's max_seq_length or use a device with more memory"
+                ) from None
+            counters.oom_splits += 1
+            self.oom_cap = width // 2 if cap is None else min(cap, width // 2)
+            half = len(indices) // 2
+            return self.launch_splitting(tokens, indices[:half]) + self.launch_splitting(
+                tokens, indices[half:]
+            )
+        counters.pad_seconds += padded - started
+        counters.forward_seconds += time.perf_counter() - padded
+        counters.texts += len(indices)
+        counters.tokens += int(tokens.lengths[indices].sum())
+        counters.padded_tokens += self.padded(tokens, indices)
+        counters.batches += 1
+        return [(indices, vectors)]
+
+    @staticmethod
+    def padded(tokens: Tokenized, indices: np.ndarray) -> int:
+        """Padded tokens of a batch: its longest text's length times its size."""
+        return int(tokens.lengths[indices].max()) * len(indices) if len(indices) else 0
 
     def launch(self, batch: dict[str, Tensor], prompt_length: int = 0, **module_kwargs) -> Any:
         """Start one batch: its float32 vectors on the device, or (CUDA) a non-blocking copy into pinned host
@@ -469,6 +523,15 @@ def convert_after_backbone(chain: ModuleChain, dtype: torch.dtype | None) -> tor
             for module in list(route)[1:]:
                 module.to(head.dtype if head is not None else backbone)
     return backbone
+
+
+def device_batch_tokens(free_bytes: int, bytes_per_token: int, share: float = 0.4) -> int:
+    """Padded tokens per batch for a device with ``free_bytes`` free: ``share`` of it for activations, at
+    ``bytes_per_token`` each, rounded down to a power of two between 8,192 and 262,144 (past that, larger
+    batches no longer raise a GPU's throughput; an out-of-memory batch is split anyway)."""
+    tokens = int(free_bytes * share) // max(bytes_per_token, 1)
+    budget = 1 << max(tokens, 1).bit_length() - 1
+    return int(min(max(budget, MIN_DEVICE_BATCH_TOKENS), MAX_DEVICE_BATCH_TOKENS))
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

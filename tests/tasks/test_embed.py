@@ -288,6 +288,52 @@ def test_other_options_are_refused_unless_overwrite(
     np.testing.assert_array_equal(embeddings_of(table), reference.astype(np.float16))
 
 
+def test_an_earlier_layout_is_refused_with_the_way_out(
+    float32_run, tiny_model_dir, corpus_file, tmp_path
+) -> None:
+    """embedpipe 0.1 kept its bookkeeping at the top (_plan.json, _manifest.json, _SUCCESS, _parts/): such an
+    output is named for what it is, never read as incomplete or silently overwritten; moving the files as
+    the message says makes it readable, --overwrite replaces it."""
+    source, _ = float32_run
+    legacy = tmp_path / "legacy"
+    shutil.copytree(source, legacy)
+    hidden = legacy / ".embedpipe"
+    for new, old in (
+        ("plan.json", "_plan.json"),
+        ("manifest.json", "_manifest.json"),
+        ("SUCCESS", "_SUCCESS"),
+    ):
+        (hidden / new).rename(legacy / old)
+    (hidden / "receipts").rename(legacy / "_parts")
+    hidden.rmdir()
+    with pytest.raises(DatasetError, match="made by an earlier embedpipe") as info:
+        read_dataset(str(legacy))
+    assert "move them to .embedpipe/SUCCESS, manifest.json, plan.json and receipts/" in str(info.value)
+    with pytest.raises(
+        DatasetError,
+        match=r"holds an embed output made by an earlier embedpipe \(_plan.json at the top\); use --overwrite",
+    ):
+        embed(tiny_model_dir, corpus_file, legacy, keep_columns=["source", "score"])
+    assert (legacy / "_SUCCESS").exists() and not hidden.exists()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(legacy, moved)
+    (moved / ".embedpipe").mkdir()
+    for old, new in (
+        ("_plan.json", "plan.json"),
+        ("_manifest.json", "manifest.json"),
+        ("_SUCCESS", "SUCCESS"),
+    ):
+        (moved / old).rename(moved / ".embedpipe" / new)
+    (moved / "_parts").rename(moved / ".embedpipe" / "receipts")
+    assert read_dataset(str(moved)).equals(read_dataset(str(source)))
+
+    summary = embed(tiny_model_dir, corpus_file, legacy, keep_columns=["source", "score"], overwrite=True)
+    assert summary["shards"]["done"] == 4
+    assert sorted(p.name for p in legacy.iterdir() if not p.name.startswith("part-")) == [".embedpipe"]
+    assert read_dataset(str(legacy)).equals(read_dataset(str(source)))
+
+
 def test_int8_uses_one_calibration_for_every_part(
     ray_local, tiny_model_dir, corpus_file, corpus_table, encoder, tmp_path
 ) -> None:

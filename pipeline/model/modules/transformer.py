@@ -26,9 +26,10 @@ refused, pickle checkpoints load only on request.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_type_hints
@@ -125,6 +126,21 @@ UNSUPPORTED_MODEL_TYPES = {
     "layoutlmv3", "idefics", "hubert", "sew", "sew-d", "unispeech-sat", "unispeech", "wav2vec2",
     "wav2vec2-conformer", "wavlm", "voxtral_realtime",
 }  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """No "Loading weights" bar per model load (one per worker on a cluster, and in library use); the
+    user's own setting comes back afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -270,9 +286,10 @@ class Transformer(InputModule):
             if context.dtype is not None:
                 model_kwargs.pop("torch_dtype", None)
                 model_kwargs["dtype"] = context.dtype
-            self.model = model_class(hf_config).from_pretrained(
-                str(folder), config=hf_config, use_safetensors=use_safetensors, **common, **model_kwargs
-            )
+            with quiet_weight_loading():
+                self.model = model_class(hf_config).from_pretrained(
+                    str(folder), config=hf_config, use_safetensors=use_safetensors, **common, **model_kwargs
+                )
         except Exception as exc:  # safetensors, torch and transformers each raise their own kinds
             raise ModelConfigError(
                 f"{folder}: cannot load the transformer weights ({type(exc).__name__}: {exc})"
