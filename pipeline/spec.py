@@ -81,7 +81,9 @@ class EmbedSpec(EncodeOptions, RuntimeOptions):
     input: list[str] = opt([], "input URLs or globs (Parquet, JSON Lines, Arrow IPC)", required=True)
     output: str | None = opt(None, "output dataset URL", required=True)
     keep_columns: list[str] = opt([], "columns carried through to the output")
-    rows_per_shard: int = opt(10000, "rows per shard")
+    rows_per_shard: int | None = opt(
+        None, "rows per shard (default: the corpus in about 64 shards of 10,000 to 250,000 rows)"
+    )
     precision: str = opt("float32", "embedding storage precision", ("float32", "float16", "int8", "ubinary"))
     on_null: str = opt(
         "fail", "null or empty text: fail, skip the row, or embed ''", ("fail", "skip", "empty")

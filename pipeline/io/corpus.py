@@ -12,7 +12,7 @@ import io
 import json
 import posixpath
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -183,6 +183,34 @@ def jsonl_line_offsets(fs, path: str, url: str) -> list[int]:
         return [*offsets, position]
 
     return read_whole(fs, path, url, "JSON Lines", read)
+
+
+# Default shard size: about AUTO_SHARDS shards, each between these bounds. A large corpus gets shards
+# big enough that a part's fixed costs (commit, receipt) stay a few percent of its time at GPU speed; a
+# small one keeps enough shards to spread over the workers.
+AUTO_SHARDS = 64
+MIN_AUTO_SHARD_ROWS = 10_000
+MAX_AUTO_SHARD_ROWS = 250_000
+
+
+def auto_shard_rows(total_rows: int) -> int:
+    return min(max(total_rows // AUTO_SHARDS, MIN_AUTO_SHARD_ROWS), MAX_AUTO_SHARD_ROWS)
+
+
+def plan_auto_shards(sources: Sequence[SourceFile], storage_options: dict | None) -> list[Shard]:
+    """Shards of `auto_shard_rows` rows: planned at the smallest size, then neighbours within one file
+    merged up to the size the whole corpus calls for (one pass over the files, deterministic)."""
+    small = plan_shards(sources, MIN_AUTO_SHARD_ROWS, storage_options)
+    target = auto_shard_rows(sum(s.rows for s in small))
+    merged: list[Shard] = []
+    for shard in small:
+        last = merged[-1] if merged else None
+        adjacent = last is not None and last.url == shard.url and last.row_end == shard.row_start
+        if adjacent and last.rows + shard.rows <= target:
+            merged[-1] = replace(last, row_end=shard.row_end, byte_end=shard.byte_end)
+            continue
+        merged.append(replace(shard, shard_id=len(merged)))
+    return merged
 
 
 def plan_shards(

@@ -267,7 +267,10 @@ def run_embed(spec: EmbedSpec, log=None) -> dict:
     sources = corpus.list_sources(spec.input, storage_options)
     schemas = {s.url: corpus.source_schema(s, storage_options) for s in sources}
     columns = resolve_columns(spec, schemas)
-    shards = corpus.plan_shards(sources, spec.rows_per_shard, storage_options)
+    if spec.rows_per_shard is None:
+        shards = corpus.plan_auto_shards(sources, storage_options)
+    else:
+        shards = corpus.plan_shards(sources, spec.rows_per_shard, storage_options)
     if not shards:
         raise CorpusError(f"{', '.join(spec.input)}: the corpus has no rows")
     key = plan_key(plan_material(spec, model_fingerprint, columns, shards, {s.url: s.size for s in sources}))
