@@ -30,6 +30,25 @@ and the exact search stays affordable on a CPU at 500k pairs:
 
     .venv/bin/python bench/mine.py --driver-memory --model tiny --pairs 50000,500000 --share-positives 10 \
         --text-chars 200 --json /tmp/mine-driver.json
+
+Rescoring (``--cross-encoder tiny|minilm|DIR``): both sides rescore with the same cross-encoder, ours with
+``embedpipe mine --cross-encoder DIR --relative-margin M``, ST with ``mine_hard_negatives(...,
+cross_encoder=CrossEncoder(DIR), relative_margin=M)`` (a margin or score limit is what makes ST rescore:
+without one it ignores the cross-encoder). ``--relative-margin`` defaults to 0.05; ``--max-score 1.0``
+instead keeps every candidate (a random cross-encoder scores all pairs alike, so a margin drops them all
+and no rows come out; the rescoring work is the same). The cross-encoder is built here with random
+weights and saved by sentence-transformers' ``CrossEncoder.save``: ``minilm`` is a
+BertForSequenceClassification with all-MiniLM-L6-v2's config (6 layers, hidden 384, 12 heads,
+intermediate 1536, one label), ``tiny`` one with hidden 32 and 2 layers; both with the packaged model's
+tokenizer. Rescored pairs are each unique anchor's window (``range_max + max_positives`` candidates,
+``range_max = 10 * num_negatives + max_positives`` as ST derives it, capped at the corpus size) plus its
+distinct positives, computed from the pairs the same way for both sides (ST's side also counts what it
+passes to ``CrossEncoder.predict``, and the time spent in it):
+
+    .venv/bin/python bench/mine.py --model real --cross-encoder minilm --pairs 300 --workers 1 \
+        --json /tmp/mine-ce-minilm-300.json
+    .venv/bin/python bench/mine.py --model real --cross-encoder minilm --pairs 100 --max-score 1.0 \
+        --workers 1 --json /tmp/mine-ce-minilm-100.json
 """
 
 from __future__ import annotations
@@ -71,6 +90,64 @@ def build_pairs(n: int, text_chars: int, path: Path, share_positives: int = 1) -
     if share_positives > 1:  # every K consecutive pairs share the first one's positive
         rows_p = [rows_p[i - i % share_positives] for i in range(len(rows_p))]
     pq.write_table(pa.table({"query": rows_q, "positive": rows_p}), path, row_group_size=16384)
+
+
+def rescored_pairs(path: Path, num_negatives: int = 3) -> dict:
+    """(anchor, candidate) pairs a rescoring run scores, as ST's ``mine_hard_negatives`` counts them: every
+    unique anchor's window of ``range_max + max_positives`` candidates (``range_max = 10 * num_negatives +
+    max_positives`` with a margin set, capped at the corpus size) plus its distinct positives."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["query", "positive"])
+    rows: dict[str, list[str]] = {}
+    for query, positive in zip(
+        table.column("query").to_pylist(), table.column("positive").to_pylist(), strict=True
+    ):
+        rows.setdefault(query, []).append(positive)
+    max_positives = max(len(v) for v in rows.values())
+    corpus = len(set(table.column("positive").to_pylist()))
+    window = min(10 * num_negatives + 2 * max_positives, corpus)
+    positives = sum(len(set(v)) for v in rows.values())
+    return {
+        "anchors": len(rows),
+        "corpus": corpus,
+        "window": window,
+        "positives": positives,
+        "pairs": len(rows) * window + positives,
+    }
+
+
+def cross_encoder_path(kind: str, work: Path) -> Path:
+    """``tiny`` / ``minilm``: a random-weight BERT reranker saved by ``CrossEncoder.save``; else a directory."""
+    if kind not in ("tiny", "minilm"):
+        return Path(kind)
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tests.support.tiny_models import copy_tokenizer, real_model_path
+
+    target, backbone = work / f"ce-{kind}", work / f"ce-{kind}-backbone"
+    copy_tokenizer(backbone)
+    torch.manual_seed(0)
+    if kind == "minilm":  # all-MiniLM-L6-v2's shape: 6 layers, hidden 384, 12 heads, intermediate 1536
+        config = BertConfig.from_pretrained(str(real_model_path()), num_labels=1)
+        config.architectures = ["BertForSequenceClassification"]
+    else:
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=512,
+            num_labels=1,
+            initializer_range=0.2,
+        )
+    BertForSequenceClassification(config).eval().save_pretrained(str(backbone))
+    CrossEncoder(str(backbone), device="cpu").save(str(target))
+    shutil.rmtree(backbone, ignore_errors=True)
+    return target
 
 
 def model_path(kind: str, work: Path) -> Path:
@@ -139,6 +216,14 @@ class TreePeak:
         }
 
 
+def read_report(out_dir: Path) -> dict:
+    """The job's report.json: in the output's ``.embedpipe/`` folder, or at its root (older layout)."""
+    for path in (out_dir / ".embedpipe" / "report.json", out_dir / "report.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"no report.json under {out_dir}")
+
+
 def run_side(cmd: list[str], env: dict, log: Path) -> dict:
     started = time.perf_counter()
     with log.open("w") as out:
@@ -165,6 +250,27 @@ def st_main(args: argparse.Namespace) -> None:
         {"query": table.column("query").to_pylist(), "positive": table.column("positive").to_pylist()}
     )
     model = SentenceTransformer(args.model_dir, device="cpu")
+    cross_encoder, extra, stats = None, {}, {"predict_seconds": 0.0, "predict_pairs": 0}
+    if args.cross_encoder_dir:
+        from sentence_transformers import CrossEncoder
+
+        cross_encoder = CrossEncoder(args.cross_encoder_dir, device="cpu")
+        extra = {"cross_encoder": cross_encoder}
+        if args.relative_margin is not None:
+            extra["relative_margin"] = args.relative_margin
+        if args.max_score is not None:
+            extra["max_score"] = args.max_score
+        predict = cross_encoder.predict
+
+        def timed_predict(sentences, *a, **kw):  # time and count what ST rescores
+            started = time.perf_counter()
+            try:
+                return predict(sentences, *a, **kw)
+            finally:
+                stats["predict_seconds"] += time.perf_counter() - started
+                stats["predict_pairs"] += len(sentences)
+
+        cross_encoder.predict = timed_predict
     result = mine_hard_negatives(
         dataset,
         model,
@@ -175,8 +281,12 @@ def st_main(args: argparse.Namespace) -> None:
         use_faiss=False,
         verbose=False,
         batch_size=32,
+        **extra,
     )
     result.to_parquet(args.output)
+    if cross_encoder is not None:
+        stats["predict_seconds"] = round(stats["predict_seconds"], 1)
+        Path(args.output + ".rescoring.json").write_text(json.dumps(stats))
 
 
 def compare(ours_dir: Path, st_file: Path) -> dict:
@@ -206,7 +316,19 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="runs per side (alternating); the median is reported"
     )
+    parser.add_argument(
+        "--cross-encoder", help="rescore on both sides: tiny, minilm (random weights) or a CrossEncoder dir"
+    )
+    parser.add_argument(
+        "--relative-margin", type=float, help="with --cross-encoder: the margin on both sides (default 0.05)"
+    )
+    parser.add_argument(
+        "--max-score",
+        type=float,
+        help="with --cross-encoder: the score limit on both sides instead of the margin (1.0 keeps all)",
+    )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--cross-encoder-dir", help=argparse.SUPPRESS)
     parser.add_argument("--st-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -215,6 +337,8 @@ def main() -> None:
     if args.st_side:
         st_main(args)
         return
+    if args.cross_encoder and args.relative_margin is None and args.max_score is None:
+        args.relative_margin = 0.05
     if args.driver_memory:
         driver_memory(args)
         return
@@ -225,6 +349,10 @@ def main() -> None:
         pairs = work / "pairs.parquet"
         build_pairs(args.pairs, args.text_chars, pairs, args.share_positives)
         model = model_path(args.model, work)
+        rescoring = ce_dir = None
+        if args.cross_encoder:
+            ce_dir = cross_encoder_path(args.cross_encoder, work)
+            rescoring = rescored_pairs(pairs)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env["HF_HUB_OFFLINE"] = "1"
         script = Path(sys.executable).with_name("embedpipe")
@@ -259,10 +387,24 @@ def main() -> None:
                 "--output",
                 str(st_file),
             ]
+            if ce_dir is not None:
+                rule = []  # a margin or a score limit: what makes both sides rescore
+                if args.relative_margin is not None:
+                    rule += ["--relative-margin", str(args.relative_margin)]
+                if args.max_score is not None:
+                    rule += ["--max-score", str(args.max_score)]
+                ours_cmd += ["--cross-encoder", str(ce_dir), *rule]
+                st_cmd += ["--cross-encoder-dir", str(ce_dir), *rule]
             ours = run_side(ours_cmd, env, work / f"ours-{number}.log")
-            report = json.loads((out_dir / "report.json").read_text())
+            report = read_report(out_dir)
             ours["job_timings"] = report["timings"]
             st = run_side(st_cmd, env, work / f"st-{number}.log")
+            if rescoring is not None:
+                ours["rescored_pairs"] = st["rescored_pairs"] = rescoring["pairs"]
+                ours["anchors_in"], ours["corpus_size"] = report["anchors_in"], report["corpus_size"]
+                st.update(json.loads(Path(str(st_file) + ".rescoring.json").read_text()))
+                for side in (ours, st):
+                    side["rescored_pairs_per_second"] = round(rescoring["pairs"] / side["seconds"], 1)
             rounds.append({"ours": ours, "st": st, "outputs": compare(out_dir, st_file)})
             print(json.dumps(rounds[-1]), flush=True)
 
@@ -275,6 +417,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "
             f"load average {os.getloadavg()[0]:.1f} at the end",
             "model": args.model,
+            "cross_encoder": args.cross_encoder,
+            "relative_margin": args.relative_margin,
+            "max_score": args.max_score,
+            "rescoring": rescoring,
             "pairs": args.pairs,
             "text_chars": args.text_chars,
             "workers": args.workers,
@@ -331,7 +477,7 @@ def driver_memory(args: argparse.Namespace) -> None:
             pairs, out_dir = work / f"pairs-{size}.parquet", work / f"out-{size}"
             build_pairs(size, args.text_chars, pairs, args.share_positives)
             run = run_side(ours_command(model, pairs, out_dir, args.workers), env, work / f"ours-{size}.log")
-            report = json.loads((out_dir / "report.json").read_text())
+            report = read_report(out_dir)
             results.append(
                 dict(
                     run,
