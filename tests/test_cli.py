@@ -231,7 +231,8 @@ def test_help_shows_every_options_default(command: str) -> None:
 
 def test_help_defaults_read_as_values() -> None:
     text = " ".join(subcommands()["embed"].format_help().split())
-    assert "--rows-per-shard ROWS_PER_SHARD rows per shard (default: 10000)" in text
+    assert "--max-attempts MAX_ATTEMPTS attempts per shard before the job fails (default: 3)" in text
+    assert "--rows-per-shard ROWS_PER_SHARD rows per shard (default: the corpus in about 64 shards" in text
     assert "show a progress bar on stderr (default: true)" in text
     assert (
         "--overwrite, --no-overwrite replace an existing output made with other options (default: false)"

@@ -1,7 +1,10 @@
-"""EncoderActor: loads the model once and runs shard work; reading the next shard overlaps this one.
+"""EncoderActor: loads the model once and runs shard work as overlapping stages.
 
 The actor knows nothing about jobs: a job passes a ``ShardWork`` object whose ``load`` (I/O and
-tokenizing, on a background thread) and ``process`` (forward pass and commit) it calls.
+tokenizing, on a background thread) and ``process`` (forward pass and commit) it calls. Work that splits
+``process`` into ``encode`` (the device's part) and ``commit`` (convert, write, receipt: the host's) gets a
+third stage overlapped: while shard N is written on a commit thread, the actor already encodes shard N+1
+(the pool's look-ahead names it), so the device does not wait for the writes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ class ShardWork(Protocol):
     def process(self, encoder: Any, item: Any, loaded: Any, attempt: int) -> dict: ...
 
 
+class SplitShardWork(ShardWork, Protocol):
+    """``process`` = ``commit(encode(...))``, so the actor can overlap one shard's commit with the next's encode."""
+
+    def encode(self, encoder: Any, item: Any, loaded: Any) -> Any: ...
+
+    def commit(self, encoder: Any, item: Any, encoded: Any, attempt: int) -> dict: ...
+
+
 class EncoderActor:
     """One per GPU (or per CPU slot): holds an Encoder for the life of the job."""
 
@@ -53,7 +64,9 @@ class EncoderActor:
         self.encoder = load_encoder(model, **model_options)
         self.encoder.tokenize_threads = threads
         self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.pending: dict[Any, Future] = {}
+        self.encoded: dict[Any, Any] = {}  # the look-ahead shard, encoded while the previous one was written
 
     def describe(self) -> dict:
         return dict(self.encoder.describe(), node=ray.get_runtime_context().get_node_id(), pid=os.getpid())
@@ -80,7 +93,25 @@ class EncoderActor:
             next_key, next_item = lookahead
             self.pending[next_key] = self.prefetcher.submit(work.load, self.encoder, next_item)
         loaded = future.result() if future is not None else work.load(self.encoder, item)
-        return work.process(self.encoder, item, loaded, attempt)
+        if not (hasattr(work, "encode") and hasattr(work, "commit")):
+            return work.process(self.encoder, item, loaded, attempt)
+        encoded = self.encoded.pop(key, None)
+        self.encoded.clear()
+        if encoded is None:
+            encoded = work.encode(self.encoder, item, loaded)
+        committing = self.committer.submit(work.commit, self.encoder, item, encoded, attempt)
+        if lookahead is not None:
+            self.encode_ahead(work, *lookahead)
+        return committing.result()
+
+    def encode_ahead(self, work: SplitShardWork, key: Any, item: Any) -> None:
+        """Encode the next shard while this one commits. Any error is left for its own call to raise
+        (redone there, with its attempt counted), so a speculative failure changes nothing."""
+        try:
+            loaded = self.pending[key].result()
+            self.encoded[key] = work.encode(self.encoder, item, loaded)
+        except Exception:
+            self.encoded.pop(key, None)
 
 
 def encoder_pool(plan: ActorPlan, model: str, model_options: dict, **kwargs: Any) -> ActorPool:

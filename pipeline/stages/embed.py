@@ -86,43 +86,79 @@ class EmbedShardWork:
         stages = {"read": read - started, "tokenize": time.perf_counter() - read}
         return ids, table, tokens, int((~keep).sum()), stages
 
-    def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
+    def encode(self, encoder, shard: Shard, loaded) -> EncodedShard:
+        """The forward pass (the device's part): vectors and their counts, nothing written."""
         started = time.perf_counter()
-        ids, table, tokens, skipped, stages = loaded
+        ids, table, tokens, skipped, loaded_stages = loaded
+        stages = dict(loaded_stages)
         counters = encoder.counters
         before = (counters.tokens, counters.padded_tokens, counters.stage_seconds())
         vectors = encoder.encode_tokens(tokens, self.max_batch_tokens)
         for name, seconds in counters.stage_seconds().items():
             if name != "tokenize":  # measured in load, on the prefetch thread
                 stages[name] = seconds - before[2][name]
+        return EncodedShard(
+            ids,
+            table,
+            vectors,
+            skipped,
+            stages,
+            tokens=counters.tokens - before[0],
+            padded_tokens=counters.padded_tokens - before[1],
+            seconds=time.perf_counter() - started,
+        )
+
+    def commit(self, encoder, shard: Shard, encoded: EncodedShard, attempt: int) -> dict:
+        """Convert, write and commit the part and its receipt (the host's part: on an actor it runs on a
+        thread of its own while the device encodes the next shard)."""
         converting = time.perf_counter()
-        if not np.isfinite(vectors).all():
+        if not np.isfinite(encoded.vectors).all():
             raise EmbedError(
                 f"{shard.url}: rows {shard.row_start}-{shard.row_end - 1}: non-finite embeddings"
             )
-        columns = {"id": ids, "embedding": quantize(vectors, self.precision, self.calibration)}
+        columns = {
+            "id": encoded.ids,
+            "embedding": quantize(encoded.vectors, self.precision, self.calibration),
+        }
         for name in self.columns.keep:
-            columns[name] = table.column(name)
+            columns[name] = encoded.table.column(name)
         part = pa.table(columns)
         writing = time.perf_counter()
-        stages["convert"] = writing - converting
+        stages = dict(encoded.stages, convert=writing - converting)
         receipt = write_embedding_part(
             self.output,
             shard.shard_id,
             part,
             self.metadata,
-            tokens=counters.tokens - before[0],
-            padded_tokens=counters.padded_tokens - before[1],
-            seconds=round(writing - started, 3),
+            tokens=encoded.tokens,
+            padded_tokens=encoded.padded_tokens,
+            seconds=round(encoded.seconds + writing - converting, 3),
             attempt=attempt,
-            skipped_rows=skipped,
+            skipped_rows=encoded.skipped,
             stages={name: round(seconds, 4) for name, seconds in stages.items()},
         ).to_dict()
         # the driver's copy also has the time the part and its receipt took to write and commit
         finished = time.perf_counter()
         receipt["stages"] = dict(receipt["stages"], write_commit=round(finished - writing, 4))
-        receipt["seconds"] = round(finished - started, 3)
+        receipt["seconds"] = round(encoded.seconds + finished - converting, 3)
         return receipt
+
+    def process(self, encoder, shard: Shard, loaded, attempt: int) -> dict:
+        return self.commit(encoder, shard, self.encode(encoder, shard, loaded), attempt)
+
+
+@dataclass
+class EncodedShard:
+    """A shard's vectors between the forward pass and the commit."""
+
+    ids: pa.Array
+    table: pa.Table
+    vectors: np.ndarray
+    skipped: int
+    stages: dict
+    tokens: int
+    padded_tokens: int
+    seconds: float
 
 
 # -- the job --------------------------------------------------------------------------------------
