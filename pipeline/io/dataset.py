@@ -96,7 +96,11 @@ def write_embedding_part(
     folder: OutputFolder, shard_id: int, table: pa.Table, metadata: dict, **details
 ) -> Receipt:
     """Commit one part of an embedding dataset (with its ``embedpipe`` metadata), then its receipt."""
-    data = parquet_bytes(table, metadata, row_group_size=EMBEDDING_ROW_GROUP)
+    embedding = table.schema.field("embedding").type if "embedding" in table.column_names else None
+    floats = embedding is not None and pa.types.is_float32(getattr(embedding, "value_type", embedding))
+    data = parquet_bytes(
+        table, metadata, row_group_size=EMBEDDING_ROW_GROUP, split_floats=("embedding",) if floats else ()
+    )
     return folder.commit_part(part_name(shard_id), shard_id, data, rows=table.num_rows, **details)
 
 

@@ -82,13 +82,24 @@ def join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name if name else root.rstrip("/")
 
 
-def parquet_bytes(table: pa.Table, metadata: dict | None = None, row_group_size: int | None = None) -> bytes:
-    """A table as zstd Parquet bytes, with the ``embedpipe`` key-value metadata when given."""
+def parquet_bytes(
+    table: pa.Table,
+    metadata: dict | None = None,
+    row_group_size: int | None = None,
+    split_floats: Sequence[str] = (),
+) -> bytes:
+    """A table as zstd Parquet bytes, with the ``embedpipe`` key-value metadata when given.
+    ``split_floats``: float columns written with Parquet's BYTE_STREAM_SPLIT encoding and no dictionary
+    (for embeddings: faster to write and a little smaller than zstd alone)."""
     if metadata is not None:
         schema = table.schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         table = table.cast(schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
+    options: dict[str, Any] = {}
+    if split_floats:
+        options["use_dictionary"] = [n for n in table.column_names if n not in split_floats]
+        options["column_encoding"] = dict.fromkeys(split_floats, "BYTE_STREAM_SPLIT")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size, **options)
     return sink.getvalue().to_pybytes()
 
 
