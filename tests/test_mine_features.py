@@ -387,6 +387,12 @@ def test_rescoring_gives_sentence_transformers_rows(runs: Runs, name: str) -> No
     for key in ("negative_bi_encoder_score_histogram", "negative_cross_encoder_score_histogram"):
         assert sum(histograms[key]["counts"]) == report["negatives"] > 0
     assert histograms["negative_cross_encoder_score_histogram"] == report["negative_score_histogram"]
+    # Pairs the cross-encoder scored: every anchor's window (less padding) and its distinct positives.
+    positives: dict[str, set] = {}
+    for row in runs.data.tables[pairs].select([A, P]).to_pylist():
+        positives.setdefault(row[A], set()).add(row[P])
+    window = report["anchors_in"] * report["candidates_per_anchor"] - report["padding"]
+    assert histograms["cross_encoder_pairs"] == window + sum(len(v) for v in positives.values())
     rule = next(
         r
         for r in ("absolute_margin", "relative_margin", "max_score", "min_score")

@@ -236,5 +236,12 @@ def finish_block(
         stats=mined.stats.as_dict(),
         samples=samples,
         score_ranges={kind: _range(values) for kind, values in scores.items()},
+        **({"cross_encoder_pairs": cross_encoder_pairs(block)} if options.rescore else {}),
     )
     return receipt.to_dict()
+
+
+def cross_encoder_pairs(block: CandidateBlock) -> int:
+    """(anchor, text) pairs of the block with a cross-encoder score: its window's corpus entries and the
+    anchors' positives."""
+    return int((block.candidates >= 0).sum()) + sum(len(p) for p in block.positives)

@@ -144,11 +144,13 @@ def histogram_edges(low: float | None, high: float | None, bins: int = 20) -> np
 def build_report(output: OutputFolder, count: int, done: dict[int, dict]) -> dict:
     """Statistics, examples and histograms from the receipts and the .embedpipe/scores/ parts (one at a time)."""
     totals = rules.MiningStats()
+    cross_encoder_pairs = 0
     examples: dict[str, list] = {}
     ranges: dict[str, list] = {}
     for number in range(count):
         receipt = done[number]
         totals = totals + rules.MiningStats(**receipt["stats"])
+        cross_encoder_pairs += receipt.get("cross_encoder_pairs", 0)
         for rule, picked in (receipt.get("samples") or {}).items():
             room = EXAMPLES_PER_RULE - len(examples.setdefault(rule, []))
             examples[rule].extend(picked[: max(0, room)])
@@ -185,6 +187,7 @@ def build_report(output: OutputFolder, count: int, done: dict[int, dict]) -> dic
     }
     if "negative_bi_encoder" in histograms:
         out["rescoring"] = {
+            "cross_encoder_pairs": cross_encoder_pairs,
             "negative_bi_encoder_score_histogram": histograms["negative_bi_encoder"],
             "negative_cross_encoder_score_histogram": histograms.get("negative", empty),
             "positive_bi_encoder_score_histogram": histograms.get("positive_bi_encoder", empty),
