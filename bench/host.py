@@ -20,6 +20,14 @@ In one run it reports:
 
     .venv/bin/python bench/host.py --rows 100000 --workers 2
     .venv/bin/python bench/host.py --kind long --rows 10000 --workers 1
+
+``--fixed-costs``: what one part costs beyond its bytes, on local disk and on a local S3 server (moto, in a
+subprocess): ``write_embedding_part`` (part under a temporary name, moved into place, then its receipt)
+for a 1-row part, against a part of ``--part-rows`` rows of 384-dim float32 vectors; and what that is as
+a share of a shard's time at a given device rate (100k texts/s) for 10,000-row shards and for the default
+shard size of corpora of 1M, 10M and 100M rows.
+
+    .venv/bin/python bench/host.py --fixed-costs
 """
 
 from __future__ import annotations
@@ -196,6 +204,60 @@ def run_job(model: str, texts: list[str], workers: int, rows_per_shard: int, ext
     return result
 
 
+def commit_seconds(folder, rows: int, repeats: int) -> float:
+    """Median seconds of committing one part of ``rows`` rows (and its receipt) to ``folder``."""
+    import pyarrow as pa
+
+    from pipeline.io.dataset import write_embedding_part
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((rows, 384), dtype=np.float32)
+    table = pa.table(
+        {
+            "id": pa.array([f"doc-{i}" for i in range(rows)]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 384),
+        }
+    )
+    times = []
+    for number in range(repeats):
+        started = time.perf_counter()
+        write_embedding_part(folder, number, table, {"model_name": "bench"})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def fixed_costs(part_rows: int, device_rate: float) -> dict:
+    """Per-part fixed cost (a 1-row part) and a full part's cost, on local disk and on a local S3 server."""
+    from pipeline.io import corpus
+    from pipeline.io.output import OutputFolder
+    from tests.support.s3server import S3Server
+
+    out: dict = {"device_rate_texts_s": device_rate, "part_rows": part_rows}
+    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3:
+        os.environ.update(s3.env)  # the region, as the tests set it
+        targets = {
+            "local": OutputFolder(str(Path(tmp) / "out")),
+            "s3": OutputFolder(f"{s3.make_bucket('bench')}/out", s3.storage_options),
+        }
+        for name, folder in targets.items():
+            fixed = commit_seconds(folder.child("tiny"), 1, 20)
+            full = commit_seconds(folder.child("full"), part_rows, 5)
+            shares = {}
+            for corpus_rows in (1_000_000, 10_000_000, 100_000_000):
+                shard = corpus.auto_shard_rows(corpus_rows)
+                shares[f"default shard for {corpus_rows:,} rows ({shard:,})"] = round(
+                    fixed / (shard / device_rate) * 100, 2
+                )
+            shares["10,000-row shard"] = round(fixed / (10_000 / device_rate) * 100, 2)
+            out[name] = {
+                "fixed_ms": round(fixed * 1000, 1),
+                f"part_{part_rows}_rows_ms": round(full * 1000, 1),
+                "fixed_share_of_shard_time_pct": shares,
+            }
+            print(json.dumps({name: out[name]}), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,7 +269,13 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=10000)
     parser.add_argument("--cpus-per-worker", type=int, default=None)
     parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--fixed-costs", action="store_true", help="measure per-part fixed costs only")
+    parser.add_argument("--part-rows", type=int, default=10000)
+    parser.add_argument("--device-rate", type=float, default=100_000.0, help="texts/s a GPU encodes")
     args = parser.parse_args()
+    if args.fixed_costs:
+        print(json.dumps(fixed_costs(args.part_rows, args.device_rate), indent=2))
+        return
 
     texts = make_texts(args.kind, args.rows)
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
