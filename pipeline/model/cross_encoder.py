@@ -364,11 +364,9 @@ class CrossEncoder:
 
 
 def _autocast(device, dtype: str):
-    """fp16/bf16 autocast on a GPU; on a CPU float32, or bf16 autocast when asked, as the bi-encoder."""
+    """fp16/bf16 autocast on GPU only (float32 on CPU), as the bi-encoder."""
     import torch
 
-    if device.type == "cpu" and dtype == "bfloat16":
-        return torch.bfloat16
     if device.type != "cuda" or dtype == "float32":
         return None
     if dtype == "float16":

@@ -14,8 +14,7 @@ For a job that tokenizes on one thread and encodes on another::
 
 Weights dtype: as sentence-transformers, the backbone loads in its checkpoint's dtype and every module
 after it is converted to that dtype; ``dtype=`` overrides. On a GPU a float32 checkpoint runs under
-bfloat16 autocast by default (``dtype="float32"`` turns that off); on a CPU, ``dtype="bfloat16"`` runs
-float32 weights under bf16 autocast.
+bfloat16 autocast by default (``dtype="float32"`` turns that off).
 """
 
 from __future__ import annotations
@@ -137,10 +136,9 @@ class Encoder:
         self.config = config
         self.name = name or config.root.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        weights = weights_dtype_for(self.device, dtype)
-        context = LoadContext(allow_pickle=allow_pickle, dtype=weights)
+        context = LoadContext(allow_pickle=allow_pickle, dtype=DTYPES.get(dtype))
         self.chain = ModuleChain(spec.load(context) for spec in config.modules)
-        self.weights_dtype = convert_after_backbone(self.chain, weights)
+        self.weights_dtype = convert_after_backbone(self.chain, DTYPES.get(dtype))
         self.chain = self.chain.to(self.device).eval()
         self.autocast_dtype = resolve_autocast(self.device, dtype, self.weights_dtype)
         self.input_module: InputModule = self.chain[0]  # type: ignore[assignment]  # read_modules checked it
@@ -538,24 +536,10 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "none"
 
 
-def weights_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
-    """The dtype every module is loaded in (None: the checkpoint's own). On a GPU, half precision when
-    asked is half-precision weights. On a CPU, bfloat16 when asked is float32 weights under bf16 autocast:
-    on CPUs with bf16 units (AMX, AVX512-BF16) that runs about twice float32, where bf16 weights gain a few
-    percent (BENCHMARKS.md, "bf16 on this CPU")."""
-    if device.type == "cpu" and dtype == "bfloat16":
-        return torch.float32
-    return DTYPES.get(dtype)
-
-
 def resolve_autocast(device: torch.device, dtype: str, weights: torch.dtype) -> torch.dtype | None:
-    """bf16 (fp16 where bf16 is unsupported) autocast for float32 weights on a GPU under dtype="auto",
-    and on a CPU under dtype="bfloat16"; otherwise none (the weights' own dtype runs)."""
-    if weights != torch.float32:
-        return None
-    if device.type == "cpu":
-        return torch.bfloat16 if dtype == "bfloat16" else None
-    if device.type != "cuda" or dtype != "auto":
+    """bf16 (fp16 where bf16 is unsupported) autocast for float32 weights on a GPU under dtype="auto";
+    otherwise the weights' own dtype (on CPU, bf16 autocast is several times slower)."""
+    if device.type != "cuda" or dtype != "auto" or weights != torch.float32:
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -572,8 +556,7 @@ def load_encoder(
     """Load a sentence-transformers model directory (local path or fsspec URL) as an Encoder.
 
     ``dtype``: "auto" runs the weights in their checkpoint dtype as sentence-transformers does (plus bf16
-    autocast for float32 weights on a GPU); "float32" / "float16" / "bfloat16" load every module in that dtype,
-    except "bfloat16" on a CPU: float32 weights under bf16 autocast (`weights_dtype_for`).
+    autocast for float32 weights on a GPU); "float32" / "float16" / "bfloat16" load every module in that dtype.
     """
     root = local_model_dir(path_or_url, storage_options)
     config = load_model_config(root)
