@@ -65,7 +65,7 @@ class EncodeOptions:
     dtype: str = opt(
         "auto",
         "weights and compute dtype (auto: the checkpoint's own dtype; float32 weights run exact float32 on CPU "
-        "and bf16 autocast on GPU; bfloat16 on CPU: bf16 autocast, about 2x on CPUs with AMX)",
+        "and bf16 autocast on GPU; float16/bfloat16: weights in that dtype, e.g. bfloat16 on CPUs with AMX)",
         ("auto", "float32", "float16", "bfloat16"),
     )
     allow_pickle: bool = opt(False, "allow pickle checkpoints (pytorch_model.bin); only for trusted models")
