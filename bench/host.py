@@ -14,7 +14,7 @@ In one run it reports:
 - ``in_process``: one thread, stage by stage: ``Encoder.tokenize``, ``Encoder.pad`` over the batch plan,
   ``Encoder.forward`` (texts/s of each).
 - ``job``: ``run_embed`` on local Parquet files (Ray start and actor start included in ``seconds``;
-  ``encode_rows_s`` counts from the first committed shard's start, i.e. without them) and the time per
+  ``encode_rows_s`` counts from the job's plan line, logged once the actors are up, i.e. without them) and the time per
   stage summed over the shards (actor-seconds, from the receipts: read, tokenize, pad, forward, to_host,
   convert, write, commit) when the code records them.
 
@@ -153,6 +153,7 @@ def run_job(model: str, texts: list[str], workers: int, rows_per_shard: int, ext
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.io.output import RECEIPTS_DIR
     from pipeline.spec import EmbedSpec
     from pipeline.tasks.embed import run_embed
 
@@ -175,14 +176,15 @@ def run_job(model: str, texts: list[str], workers: int, rows_per_shard: int, ext
         lines: list[tuple[float, str]] = []
         started = time.perf_counter()
         summary = run_embed(spec, log=lambda message: lines.append((time.perf_counter(), message)))
-        receipts = [json.loads(p.read_text()) for p in sorted(Path(f"{tmp}/out/_parts").glob("*.json"))]
+        receipts = [
+            json.loads(p.read_text()) for p in sorted(Path(f"{tmp}/out/{RECEIPTS_DIR}").glob("*.json"))
+        ]
     import ray
 
     ray.shutdown()
     committed = [t for t, m in lines if "committed (" in m]
-    first_start = None
-    if committed and receipts:
-        first_start = committed[0] - float(receipts[0].get("seconds", 0))
+    # The encode phase starts when the job logs its plan: the actors are up and have described the model.
+    first_start = next((t for t, m in lines if m.startswith("embed: ") and " shards (" in m), None)
     stages: dict[str, float] = {}
     for receipt in receipts:
         for name, seconds in (receipt.get("stages") or {}).items():
