@@ -121,33 +121,15 @@ def cross_encoder_path(kind: str, work: Path) -> Path:
     """``tiny`` / ``minilm``: a random-weight BERT reranker saved by ``CrossEncoder.save``; else a directory."""
     if kind not in ("tiny", "minilm"):
         return Path(kind)
-    import torch
-    from sentence_transformers import CrossEncoder
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig
 
-    from tests.support.tiny_models import copy_tokenizer, real_model_path
+    from tests.support.tiny_models import build_cross_encoder, real_model_path
 
-    target, backbone = work / f"ce-{kind}", work / f"ce-{kind}-backbone"
-    copy_tokenizer(backbone)
-    torch.manual_seed(0)
+    config = None
     if kind == "minilm":  # all-MiniLM-L6-v2's shape: 6 layers, hidden 384, 12 heads, intermediate 1536
         config = BertConfig.from_pretrained(str(real_model_path()), num_labels=1)
         config.architectures = ["BertForSequenceClassification"]
-    else:
-        config = BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            max_position_embeddings=512,
-            num_labels=1,
-            initializer_range=0.2,
-        )
-    BertForSequenceClassification(config).eval().save_pretrained(str(backbone))
-    CrossEncoder(str(backbone), device="cpu").save(str(target))
-    shutil.rmtree(backbone, ignore_errors=True)
-    return target
+    return build_cross_encoder(work / f"ce-{kind}", config=config, max_positions=512)
 
 
 def model_path(kind: str, work: Path) -> Path:

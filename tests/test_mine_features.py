@@ -28,6 +28,7 @@ from pipeline.spec import DedupSpec, MineSpec, SpecError, build_spec
 from pipeline.tasks.mine import MineError, run_mine
 from tests.support.float32 import encoded_cosine_error
 from tests.support.paths import TEST_DATA
+from tests.support.tiny_models import build_cross_encoder
 
 A, P = "query", "positive"
 TEXT_CHARS = 300
@@ -41,33 +42,6 @@ def quiet(_message: str) -> None:
 
 
 # --------------------------------------------------------------------------- models and data
-
-
-def build_tiny_cross_encoder(target: Path, seed: int = 0) -> Path:
-    """A tiny random-weight CrossEncoder, saved by sentence-transformers 6.2 (``CrossEncoder.save``)."""
-    import torch
-    from sentence_transformers import CrossEncoder
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from tests.support.tiny_models import copy_tokenizer
-
-    backbone = target.parent / f".{target.name}-backbone"
-    copy_tokenizer(backbone)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-        num_labels=1,
-        initializer_range=0.2,
-    )
-    BertForSequenceClassification(config).eval().save_pretrained(str(backbone))
-    CrossEncoder(str(backbone), device="cpu").save(str(target))
-    shutil.rmtree(backbone, ignore_errors=True)
-    return target
 
 
 def _tie_free(texts: list[str]) -> list[int]:
@@ -273,7 +247,7 @@ def runs(ray_cluster, tiny_model_dir: Path, tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("mine-features")
     models = {
         "bi": tiny_model_dir,
-        "ce": build_tiny_cross_encoder(root / "tiny-ce"),
+        "ce": build_cross_encoder(root / "tiny-ce"),
         "real": Path(gt.get_model_path()),
     }
     return Runs(root, Data(root), models)

@@ -523,3 +523,30 @@ def mixed_texts(n: int, seed: int, max_chars: int = 1500) -> list[str]:
         texts += [pool[i][:max_chars] for i in picks]
     rng.shuffle(texts)
     return texts
+
+
+def build_cross_encoder(target: Path, *, seed: int = 0, config: Any = None, max_positions: int = 128) -> Path:
+    """A random-weight BERT CrossEncoder saved by sentence-transformers (``CrossEncoder.save``): tiny
+    (hidden 32, 2 layers) unless ``config`` (a ``BertConfig`` with ``num_labels=1``) says otherwise."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    backbone = target.parent / f".{target.name}-backbone"
+    copy_tokenizer(backbone)
+    torch.manual_seed(seed)
+    if config is None:
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=max_positions,
+            num_labels=1,
+            initializer_range=0.2,
+        )
+    BertForSequenceClassification(config).eval().save_pretrained(str(backbone))
+    CrossEncoder(str(backbone), device="cpu").save(str(target))
+    shutil.rmtree(backbone, ignore_errors=True)
+    return target
