@@ -962,7 +962,7 @@ def test_bad_inputs_fail_before_anything_is_written(
         (
             {"input": [one_column], "anchor_column": None, "positive_column": None},
             CorpusError,
-            r"no positive column \(found text columns: \['query'\]\)",
+            r"one.parquet: cannot tell the anchor and positive columns apart \(text columns: query\); name them",
         ),
         ({"input": [null_text]}, CorpusError, "null.parquet: row 1: 'positive' is None, expected a text"),
         ({"input": [clash], "anchor_column": "negative"}, ValueError, "column name 'negative' clashes"),
