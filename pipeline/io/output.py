@@ -364,7 +364,9 @@ class OutputFolder:
     def is_complete(self) -> bool:
         if self.exists(SUCCESS_FILE):
             return True
-        if self.exists(LEGACY_FILES[2]):
+        # An earlier embedpipe's output has _plan.json beside _SUCCESS (Spark's folders have _SUCCESS alone:
+        # they are plain input, not complete embedpipe outputs).
+        if self.exists(LEGACY_FILES[2]) and self.exists(LEGACY_FILES[0]):
             raise DatasetError(
                 f"{redact(self.url)}: made by an earlier embedpipe (_SUCCESS, _manifest.json, _plan.json and "
                 "_parts/ at the top); move them to .embedpipe/SUCCESS, manifest.json, plan.json and "
