@@ -920,15 +920,10 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("options", "error", "message"), BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS]
-)
-def test_bad_options_fail_before_anything_is_written(
-    data: Data, tiny_model_dir: Path, tmp_path: Path, no_ray, options: dict, error: type, message: str
-) -> None:
-    output = tmp_path / "out"
+def faq_spec(data: Data, model: Path, output: Path, **options) -> MineSpec:
+    """A mining spec over the FAQ pairs with ``options`` on top (None removes a key)."""
     values = {
-        "model": str(tiny_model_dir),
+        "model": str(model),
         "input": [str(data.files["faq"])],
         "output": str(output),
         "anchor_column": A,
@@ -936,8 +931,18 @@ def test_bad_options_fail_before_anything_is_written(
         "progress": False,
         **options,
     }
+    return build_spec(MineSpec, {k: v for k, v in values.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"), BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS]
+)
+def test_bad_options_fail_before_anything_is_written(
+    data: Data, tiny_model_dir: Path, tmp_path: Path, no_ray, options: dict, error: type, message: str
+) -> None:
+    output = tmp_path / "out"
     with pytest.raises(error, match=re.escape(message)):
-        run_mine(build_spec(MineSpec, values), log=quiet)
+        run_mine(faq_spec(data, tiny_model_dir, output, **options), log=quiet)
     assert not output.exists()
 
 
@@ -970,17 +975,8 @@ def test_bad_inputs_fail_before_anything_is_written(
     ]
     for number, (options, error, message) in enumerate(cases):
         output = tmp_path / f"out-{number}"
-        values = {
-            "model": str(tiny_model_dir),
-            "input": [str(data.files["faq"])],
-            "output": str(output),
-            "anchor_column": A,
-            "positive_column": P,
-            "progress": False,
-        }
-        values.update(options)
         with pytest.raises(error, match=message):
-            run_mine(build_spec(MineSpec, {k: v for k, v in values.items() if v is not None}), log=quiet)
+            run_mine(faq_spec(data, tiny_model_dir, output, **options), log=quiet)
         assert not output.exists(), options
 
 

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.model import load_encoder
 from pipeline.model.encoder import MAX_DEVICE_BATCH_TOKENS, MIN_DEVICE_BATCH_TOKENS, device_batch_tokens
+from tests.support.float32 import forward_error
 from tests.support.tiny_models import build_tiny_model, mixed_texts
 
 
@@ -45,7 +46,9 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_vectors(model_dir: P
     encoder = load_encoder(model_dir, device="cpu")
     ran = limit_device(encoder, 700)
     got = encoder.encode(texts, max_batch_tokens=4096)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)  # batch composition: float noise only
+    # Other batch compositions: equal up to the float32 bound of two forward passes, row by row.
+    excess = np.abs(got.astype(np.float64) - want.astype(np.float64)) - forward_error(want, model_dir)
+    assert excess.max() <= 0, f"off by up to {excess.max():g} beyond float32 rounding"
     assert encoder.counters.oom_splits > 0 and encoder.counters.texts == len(texts)
     assert max(ran) <= 700
     # The cap learned from the first split holds for the rest of the run: later wide batches are split up
